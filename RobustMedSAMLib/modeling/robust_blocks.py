@@ -1,0 +1,212 @@
+"""RobustSAM's anti-degradation modules (AMFG and AOTG), with the official parameter names.
+
+Attribute names, shapes and forward semantics follow RobustSAM at GitHub HEAD (6f0e263), so that the
+published ``mask_decoder.*`` weights load unchanged (see shared/REFERENCE.md section 1.3):
+
+* ``FeatureBlock`` = the three AMFG blocks (``fourier_first_layer_features``, ``fourier_last_layer_features``,
+  ``fourier_mask_features``): in robust mode ``DNCBlock -> FGMBlock -> 3x3 conv``, then a resampling head
+  that always runs.
+* ``TokenBlock`` = AOTG: instance-normalises an output token twice and maps its first 64-dim chunk to a
+  256-dim token for the robust hypernetwork MLP.
+
+Batch normalisation (``SelectiveConv.BN``) has three behaviours, chosen by :func:`set_batchnorm_mode`:
+
+* ``"running"`` (default at inference, ``model.eval()``): the stored running statistics;
+* ``"per_sample"``: every sample is normalised with its own statistics. This is what the official
+  ``eval.py`` scripts do (they never call ``model.eval()``, and the decoder always sees a batch of one), so
+  it reproduces published numbers; results do not depend on how prompts are batched;
+* training (``module.training``): per-sample statistics as in the official training (a decoder call per
+  image), and the running statistics are updated once per sample in batch order, exactly as that many
+  consecutive official calls would.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segment_anything.modeling.common import LayerNorm2d
+
+BATCHNORM_MODES = ("running", "per_sample")
+
+
+class SampleBatchNorm2d(nn.BatchNorm2d):
+    """``BatchNorm2d`` (same state dict) whose batch statistics are taken per sample (see module doc)."""
+
+    mode = "running"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and self.mode == "running":
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                False, 0.0, self.eps)
+        if self.training and self.track_running_stats:
+            with torch.no_grad():
+                n = x.shape[2] * x.shape[3]
+                mean = x.mean(dim=(2, 3))  # (B, C)
+                var = x.var(dim=(2, 3), unbiased=False) * (n / max(n - 1, 1))
+                for b in range(x.shape[0]):
+                    self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean[b])
+                    self.running_var.mul_(1 - self.momentum).add_(self.momentum * var[b])
+                self.num_batches_tracked.add_(x.shape[0])
+        return F.instance_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+
+def set_batchnorm_mode(module: nn.Module, mode: str) -> None:
+    """Set the inference behaviour of every :class:`SampleBatchNorm2d` inside ``module``."""
+    if mode not in BATCHNORM_MODES:
+        raise ValueError(f"batchnorm mode must be one of {BATCHNORM_MODES}, got {mode!r}")
+    for m in module.modules():
+        if isinstance(m, SampleBatchNorm2d):
+            m.mode = mode
+
+
+class Selector(nn.Module):
+    """Spatial attention over two branches: 4x4 pooled descriptor -> two logits maps -> softmax."""
+
+    def __init__(self, channel: int, reduction: int = 16) -> None:
+        super().__init__()
+        self.spatial_attention = 4
+        self.in_channel = channel * self.spatial_attention ** 2
+        self.avg_pool = nn.AdaptiveAvgPool2d((self.spatial_attention, self.spatial_attention))
+        hidden = self.in_channel // reduction
+        self.fc = nn.Sequential(nn.Linear(self.in_channel, hidden, bias=False), nn.ReLU(inplace=True))
+        self.att_conv1 = nn.Linear(hidden, self.in_channel)
+        self.att_conv2 = nn.Linear(hidden, self.in_channel)
+
+    def forward(self, x: torch.Tensor):
+        b, c, h, w = x.shape
+        s = self.spatial_attention
+        y = self.fc(self.avg_pool(x).reshape(b, -1))
+        logits = torch.stack((self.att_conv1(y), self.att_conv2(y))).view(2, b, c, s, s)
+        att = torch.softmax(logits, dim=0)
+        # Nearest upsampling of the 4x4 attention to the feature size (each cell covers h/4 x w/4 pixels).
+        att = F.interpolate(att.flatten(0, 1), scale_factor=(h / s, w / s), mode="nearest").view(2, b, c, h, w)
+        return att[0], att[1]
+
+
+class SelectiveConv(nn.Module):
+    """Two 3x3 conv branches (batch-norm and instance-norm fed) mixed by a :class:`Selector`."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False)
+        self.selector = Selector(channels, reduction=reduction)
+        self.BN = SampleBatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out1 = self.conv1(F.leaky_relu(self.BN(x), 0.01))
+        out2 = self.conv2(F.leaky_relu(F.instance_norm(x, eps=1e-5), 0.01))
+        att1, att2 = self.selector(out1 + out2)
+        return out1 * att1 + out2 * att2
+
+
+class SKDown(nn.Module):
+    """Holder kept for the official key path ``SEMBlock.maxpool_conv.0.*``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.maxpool_conv = nn.Sequential(SelectiveConv(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool_conv(x)
+
+
+class CABlock(nn.Module):
+    """Squeeze-and-excitation channel attention (reduction 16)."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        self.squeeze = nn.AdaptiveAvgPool2d(1)
+        self.excitation = nn.Sequential(
+            nn.Linear(channels, channels // reduction), nn.ReLU(inplace=True),
+            nn.Linear(channels // reduction, channels), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        return x * self.excitation(self.squeeze(x).view(b, c)).view(b, c, 1, 1)
+
+
+class DNCBlock(nn.Module):
+    """Degradation-normalising block: ``CA(concat(x, SelectiveConv(x)))``, C -> 2C channels."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channel_attention = CABlock(2 * channels)
+        self.SEMBlock = SKDown(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.channel_attention(torch.cat([x, self.SEMBlock(x)], dim=1))
+
+
+class FGMBlock(nn.Module):
+    """Fourier block: a 1x1 conv on the FFT magnitude; phase kept; real part of the inverse FFT."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv_layer = nn.Conv2d(2 * channels, 2 * channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spectrum = torch.fft.fft2(x, dim=(-2, -1))
+        magnitude = self.conv_layer(spectrum.abs())
+        phase = torch.angle(spectrum)
+        spectrum = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+        return torch.fft.ifft2(spectrum, dim=(-2, -1)).real
+
+
+class FeatureBlock(nn.Module):
+    """One AMFG block. ``head`` is ``"upsample"`` (x4, to ``transformer_dim // 8`` channels) or
+    ``"downsample"`` (same size, the mask-feature block); the attribute names follow the official code."""
+
+    def __init__(self, channels: int, transformer_dim: int, head: str) -> None:
+        super().__init__()
+        self.dnc_block_combined = DNCBlock(channels)
+        self.fgm_block = FGMBlock(channels)
+        self.conv_layer = nn.Conv2d(2 * channels, channels, kernel_size=3, padding=1)
+        out = transformer_dim // 8
+        if head == "upsample":
+            self.upsample_layer = nn.Sequential(
+                nn.ConvTranspose2d(channels, transformer_dim, kernel_size=2, stride=2),
+                LayerNorm2d(transformer_dim), nn.GELU(),
+                nn.ConvTranspose2d(transformer_dim, out, kernel_size=2, stride=2))
+        elif head == "downsample":
+            self.downsample_layer = nn.Sequential(
+                nn.Conv2d(channels, 2 * channels, 3, 1, 1), LayerNorm2d(2 * channels), nn.GELU(),
+                nn.Conv2d(2 * channels, channels, 3, 1, 1))
+        else:
+            raise ValueError(head)
+        self.head = head
+
+    def forward(self, x: torch.Tensor, robust: bool = True) -> torch.Tensor:
+        if robust:
+            x = self.conv_layer(self.fgm_block(self.dnc_block_combined(x)))
+        return self.upsample_layer(x) if self.head == "upsample" else self.downsample_layer(x)
+
+
+class TokenBlock(nn.Module):
+    """AOTG: ``(B, D)`` output tokens -> ``(B, D)`` robust tokens.
+
+    The official block instance-normalises the tokens twice, reshapes each D-dim token into
+    ``num_chunks`` chunks of ``D / num_chunks`` and maps every chunk to D dims. Only the first chunk's result
+    is ever used by the official single-mask output (and training), so that is what this returns; the
+    official multi-prompt/multimask shapes are a bug (shared/REFERENCE.md section 1.3).
+    """
+
+    def __init__(self, num_chunks: int, chunk_dim: int) -> None:
+        super().__init__()
+        self.num_chunks = num_chunks
+        self.chunk_dim = chunk_dim
+        self.mlp = nn.Sequential(nn.Linear(chunk_dim, chunk_dim), nn.ReLU(),
+                                 nn.Linear(chunk_dim, chunk_dim * num_chunks))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # The official InstanceNorm1d receives a 2-D (B, D) tensor, i.e. normalises each token over D.
+        x = tokens.unsqueeze(0)
+        x = F.instance_norm(F.instance_norm(x, eps=1e-5), eps=1e-5).squeeze(0)
+        return self.mlp(x[:, : self.chunk_dim])
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in module.state_dict().values())

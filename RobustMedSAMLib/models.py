@@ -1,0 +1,164 @@
+"""Named model configurations (architecture + preprocessing + weights) and model loading.
+
+| name | encoder + prompt encoder | mask decoder | preprocessing | weights |
+|---|---|---|---|---|
+| ``robustmedsam`` | MedSAM | RobustSAM, fine-tuned | sam | RobustMedSAM v1.0.0 release |
+| ``robustsam`` | SAM | RobustSAM | sam | RobustSAM ViT-B |
+| ``medsam`` | MedSAM | MedSAM (SAM decoder) | medsam | MedSAM ViT-B (manual download) |
+| ``sam-vit-b`` | SAM | SAM | sam | SAM ViT-B |
+| ``tiny`` | small test architecture | RobustSAM-style | sam (256 px) | seeded only |
+
+A checkpoint's architecture is detected from its keys; one with the robust decoder uses the robust path
+by default. For a checkpoint given without a model name, the preprocessing comes from its metadata
+(files written by ``robustmedsam fuse``), else from the known file names, else the SAM convention.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+from .modeling.model import TINY, VIT_B, VIT_B_SAM, Architecture
+from .preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A named configuration. ``robust``: decode with the RobustSAM path by default."""
+
+    name: str
+    description: str
+    architecture: Architecture
+    preprocessing: Preprocessing
+    weights: Optional[str]
+    robust: bool
+
+
+MODELS: Dict[str, ModelConfig] = {c.name: c for c in [
+    ModelConfig("robustmedsam", "RobustMedSAM: MedSAM image/prompt encoder + fine-tuned RobustSAM decoder",
+                VIT_B, Preprocessing("sam"), "robustmedsam", True),
+    ModelConfig("robustsam", "RobustSAM ViT-B: SAM encoder + robust decoder", VIT_B, Preprocessing("sam"),
+                "robustsam-vit-b", True),
+    ModelConfig("medsam", "MedSAM ViT-B (SAM architecture fine-tuned on medical images)", VIT_B_SAM,
+                Preprocessing("medsam"), "medsam", False),
+    ModelConfig("sam-vit-b", "Segment Anything ViT-B", VIT_B_SAM, Preprocessing("sam"), "sam-vit-b", False),
+    ModelConfig("tiny", "tiny architecture for tests (seeded weights, no real checkpoint)", TINY,
+                Preprocessing("sam", TINY.image_size), None, True),
+]}
+DEFAULT_MODEL = "robustmedsam"
+
+
+class ModelNotFoundError(KeyError):
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def get_config(name: str) -> ModelConfig:
+    """The configuration called ``name`` (case-insensitive); the error lists the valid names."""
+    key = name.strip().lower().replace("_", "-")
+    if key not in MODELS:
+        raise ModelNotFoundError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    return MODELS[key]
+
+
+def config_for_checkpoint(arch: Architecture, metadata: Dict[str, str], path: Path,
+                          preprocessing: Optional[str] = None) -> ModelConfig:
+    """Configuration for a checkpoint file given without a model name (see module docstring)."""
+    style = preprocessing or metadata.get("preprocessing")
+    reason = "the file's metadata" if style else ""
+    if not style and metadata.get("model") in MODELS:
+        style, reason = MODELS[metadata["model"]].preprocessing.style, "the file's metadata"
+    if not style:
+        medsam_name = "medsam" in path.name.lower() and "robust" not in path.name.lower()
+        style = "medsam" if medsam_name and not arch.robust_decoder else "sam"
+        reason = "the file name" if medsam_name else "the default (SAM convention)"
+    log.info("preprocessing of %s: %s (from %s)", path.name, style, reason)
+    return ModelConfig(name=path.stem, description=f"checkpoint {path.name}", architecture=arch,
+                       preprocessing=Preprocessing(style, arch.image_size), weights=None,
+                       robust=arch.robust_decoder)
+
+
+@dataclass
+class LoadedModel:
+    """A ready model: ``model`` (eval mode, on ``device``), its ``config`` and where its weights came from."""
+
+    model: "SegmentationModel"  # noqa: F821
+    config: ModelConfig
+    checkpoint: Optional[Path] = None
+    metadata: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def device(self):
+        return self.model.device
+
+    @property
+    def signature(self) -> str:
+        """Identifies model + weights + preprocessing (used to key caches)."""
+        src = f"{self.checkpoint}:{self.checkpoint.stat().st_mtime_ns}" if self.checkpoint else "seeded"
+        return f"{self.config.name}|{src}|{self.config.preprocessing}|{self.metadata.get('seed', '')}"
+
+
+def load_model(name: Optional[str] = None, checkpoint: Optional[os.PathLike] = None, *, device=None,
+               preprocessing: Optional[str] = None, batchnorm: str = "running", allow_download: bool = True,
+               progress: Optional[Callable[[int, Optional[int]], None]] = None) -> LoadedModel:
+    """Build a model and load its weights.
+
+    Arguments:
+        name: a configuration in :data:`MODELS`; its weights are downloaded into the cache on first use
+            unless ``checkpoint`` is given.
+        checkpoint: a ``.pth`` / ``.safetensors`` file; its architecture is detected from its keys.
+        device: "auto"/None (CUDA if available, else CPU), "cpu", "cuda", "cuda:1", ...
+        preprocessing: "sam" or "medsam" to override the configuration's convention.
+        batchnorm: "running" (default) or "per_sample" (the official RobustSAM eval scripts' behaviour).
+    """
+    from . import checkpoints, weights
+    from .device import select_device
+    from .modeling.model import build_model
+
+    if name is None and checkpoint is None:
+        name = DEFAULT_MODEL
+    config = get_config(name) if name else None
+    if checkpoint is None:
+        if config.weights is None:
+            raise ValueError(f"model {config.name!r} has no released weights; use seeded_model() or --checkpoint")
+        checkpoint = weights.ensure_weights(config.weights, allow_download=allow_download, progress=progress)
+    path = Path(checkpoint)
+    state, metadata = checkpoints.read_checkpoint(path)
+    arch = checkpoints.detect_architecture(state, path)
+    if config is None:
+        config = config_for_checkpoint(arch, metadata, path, preprocessing)
+    else:
+        if replace(arch, name=config.architecture.name) != config.architecture:
+            kind = "with" if arch.robust_decoder else "without"
+            raise checkpoints.CheckpointError(
+                f"{path} does not fit model {config.name!r}: it is a {arch.name} checkpoint {kind} the RobustSAM "
+                f"decoder. Leave out --model to use the file's own architecture.")
+        if preprocessing:
+            config = replace(config, preprocessing=Preprocessing(preprocessing, arch.image_size))
+    model = build_model(arch)
+    checkpoints.load_into(model, state, path)
+    del state
+    model.set_batchnorm_mode(batchnorm)
+    model.to(select_device(device))
+    return LoadedModel(model, config, path, metadata)
+
+
+def seeded_model(name: str = "tiny", seed: int = 0, device=None, robust_decoder: Optional[bool] = None
+                 ) -> LoadedModel:
+    """A model of configuration ``name`` with seeded weights (``seeded.py``): for tests and benchmarks."""
+    from .device import select_device
+    from .modeling.model import build_model
+    from .seeded import seed_module
+
+    config = get_config(name)
+    if robust_decoder is not None and robust_decoder != config.architecture.robust_decoder:
+        config = replace(config, architecture=replace(config.architecture, robust_decoder=robust_decoder),
+                         robust=robust_decoder)
+    model = build_model(config.architecture)
+    seed_module(model, seed)
+    model.to(select_device(device))
+    return LoadedModel(model, config, None, {"seed": str(seed)})
