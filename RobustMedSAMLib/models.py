@@ -115,7 +115,7 @@ def load_model(name: Optional[str] = None, checkpoint: Optional[os.PathLike] = N
         preprocessing: "sam" or "medsam" to override the configuration's convention.
         batchnorm: "running" (default) or "per_sample" (the official RobustSAM eval scripts' behaviour).
     """
-    from . import checkpoints, weights
+    from . import checkpoints
     from .device import select_device
     from .modeling.model import build_model
 
@@ -125,6 +125,8 @@ def load_model(name: Optional[str] = None, checkpoint: Optional[os.PathLike] = N
     if checkpoint is None:
         if config.weights is None:
             raise ValueError(f"model {config.name!r} has no released weights; use seeded_model() or --checkpoint")
+        from . import weights
+
         checkpoint = weights.ensure_weights(config.weights, allow_download=allow_download, progress=progress)
     path = Path(checkpoint)
     state, metadata = checkpoints.read_checkpoint(path)

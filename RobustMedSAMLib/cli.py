@@ -1,0 +1,224 @@
+"""Command line interface: ``robustmedsam COMMAND ...`` (``robustmedsam COMMAND --help`` for details).
+
+Commands: ``segment`` (2D image), ``segment-volume`` (3D, IoU-stopped propagation), ``fuse``, ``inspect``,
+``download``, ``models``, ``bench``, ``evaluate``. Known problems (bad prompts, files, missing weights)
+print one clear message and exit with a non-zero code, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+EXIT_USAGE = 2
+EXIT_WEIGHTS = 3
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from .models import DEFAULT_MODEL, MODELS
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=list(MODELS), default=None,
+                   help=f"named model (default {DEFAULT_MODEL}; weights are downloaded on first use)")
+    g.add_argument("--checkpoint", type=Path, help="a checkpoint file (.pth or .safetensors) to use instead")
+    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N, mps")
+    g.add_argument("--preprocessing", choices=["sam", "medsam"], help="override the input convention")
+    g.add_argument("--sam-path", action="store_true",
+                   help="use the plain SAM decoder path of a robust checkpoint (default: robust path)")
+    g.add_argument("--batchnorm", choices=["running", "per_sample"], default="running",
+                   help="robust decoder BatchNorm statistics; per_sample reproduces the official eval scripts")
+    g.add_argument("--offline", action="store_true", help="never download; fail if weights are not cached")
+
+
+def load_from_args(args: argparse.Namespace, quiet: bool = False):
+    """(LoadedModel, robust flag) from the common model arguments, with a download progress bar."""
+    from .models import load_model
+    from .weights import TextProgressBar
+
+    bar = None if quiet else TextProgressBar("downloading weights")
+    loaded = load_model(args.model, args.checkpoint, device=args.device, preprocessing=args.preprocessing,
+                        batchnorm=args.batchnorm, allow_download=not args.offline, progress=bar)
+    if bar is not None:
+        bar.close()
+    robust = loaded.config.robust and not args.sam_path
+    return loaded, robust
+
+
+def _pairs(values: Optional[List[List[float]]]) -> List[List[float]]:
+    return [list(v) for v in values or []]
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .image_io import check_writable, read_image, write_array, write_mask
+    from .predictor import Predictor
+    from .prompts import Prompt, as_points
+
+    check_writable(args.output)
+    if args.probabilities:
+        check_writable(args.probabilities)
+    image = read_image(args.image)
+    points, labels = as_points(_pairs(args.point), _pairs(args.negative_point))
+    prompt = Prompt(points=points, labels=labels, box=args.box)
+    prompt.validate(image.shape[:2])  # before loading a model
+    loaded, robust = load_from_args(args)
+    predictor = Predictor(loaded, robust=robust)
+    pred = predictor.predict(prompt, multimask=args.multimask, image=image)
+    best = pred.best
+    write_mask(args.output, pred.masks[best])
+    if args.probabilities:
+        import numpy as np
+
+        prob = 1.0 / (1.0 + np.exp(-pred.logits[best].astype(np.float64)))
+        write_array(args.probabilities, prob, np.float32)
+    print(f"wrote {args.output}: {int(pred.masks[best].sum())} of {pred.masks[best].size} pixels, "
+          f"predicted IoU {pred.iou[best]:.3f}" + (f" (mask {best + 1} of {len(pred.iou)})" if args.multimask else ""))
+    return 0
+
+
+def cmd_fuse(args: argparse.Namespace) -> int:
+    from .checkpoints import fuse_checkpoints, inspect_checkpoint
+
+    if args.output.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
+    out = fuse_checkpoints(args.encoder, args.decoder, args.output, preprocessing=args.preprocessing)
+    info = inspect_checkpoint(out, with_sha256=False)
+    print(f"wrote {out}: {info['tensors']} tensors, {info['parameters']:,} values, "
+          f"decoder {info['decoder']}; encoder + prompt encoder from {args.encoder.name}, "
+          f"mask decoder from {args.decoder.name}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .checkpoints import inspect_checkpoint
+
+    info = inspect_checkpoint(args.checkpoint, with_sha256=not args.no_sha256)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['file']}: {info['format']}, {info['bytes']:,} bytes")
+    if "sha256" in info:
+        print(f"  sha256 {info['sha256']}")
+    for group, g in info["groups"].items():
+        print(f"  {group:15s} {g['tensors']:4d} tensors {g['elements']:>13,} values")
+    if info["architecture"]:
+        print(f"  architecture {info['architecture']}, decoder {info['decoder']}")
+    else:
+        print(f"  not loadable: {info['problem']}")
+    for k, v in info["metadata"].items():
+        print(f"  {k}: {v}")
+    return 0 if info["architecture"] else 1
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from . import weights
+
+    names = weights.names() if args.name == "all" else [args.name]
+    for name in names:
+        bar = weights.TextProgressBar(f"{name}")
+        path = weights.ensure_weights(name, progress=bar)
+        bar.close()
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from . import weights
+    from .models import MODELS
+
+    for cfg in MODELS.values():
+        status = "-"
+        if cfg.weights:
+            path = weights.cached_path(cfg.weights)
+            status = f"cached at {path}" if path.exists() else f"not downloaded ({path})"
+        print(f"{cfg.name:13s} {cfg.description}\n{'':13s} preprocessing {cfg.preprocessing.style}, "
+              f"{'robust' if cfg.robust else 'SAM'} decoder path; weights: {status}")
+    print(f"cache folder: {weights.cache_dir()} (set ROBUSTMEDSAM_CACHE to move it)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="robustmedsam", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"robustmedsam {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("segment", help="segment one object in a 2D image from points and/or a box")
+    p.add_argument("image", type=Path, help="PNG, JPEG, TIFF or BMP; grey, RGB or RGBA; 8 or 16 bit")
+    p.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
+                   help="box in image pixels: x = column, y = row; X1, Y1 exclusive")
+    p.add_argument("--point", type=float, nargs=2, action="append", metavar=("X", "Y"),
+                   help="positive point (x = column, y = row); repeat for more")
+    p.add_argument("--negative-point", type=float, nargs=2, action="append", metavar=("X", "Y"),
+                   help="negative (background) point; repeat for more")
+    p.add_argument("--multimask", action="store_true", help="predict 3 masks and keep the best by predicted IoU")
+    p.add_argument("--output", "-o", type=Path, required=True, help="mask PNG (0/255)")
+    p.add_argument("--probabilities", type=Path, help="also write float32 probabilities (H x W) as .npy")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("fuse", help="module-wise checkpoint fusion: encoders from one file, decoder from another")
+    p.add_argument("--encoder", type=Path, required=True, help="checkpoint giving image + prompt encoder")
+    p.add_argument("--decoder", type=Path, required=True, help="checkpoint giving the mask decoder")
+    p.add_argument("--output", "-o", type=Path, required=True, help="fused .safetensors file")
+    p.add_argument("--preprocessing", choices=["sam", "medsam"], default="sam",
+                   help="input convention recorded for the fused model (default sam, as RobustMedSAM)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_fuse)
+
+    p = sub.add_parser("inspect", help="show what a checkpoint holds and whether it loads")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-sha256", action="store_true", help="skip hashing the file")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("download", help="download released weights into the cache")
+    p.add_argument("name", help="a weights name (see `robustmedsam models`) or all")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("models", help="list named models and whether their weights are cached")
+    p.set_defaults(func=cmd_models)
+
+    return parser
+
+
+def _known_errors() -> tuple:
+    from .checkpoints import CheckpointError
+    from .image_io import ImageError
+    from .models import ModelNotFoundError
+    from .prompts import PromptError
+    from .weights import DownloadError, WeightsNotAvailableError
+
+    return (PromptError, CheckpointError, ImageError, ModelNotFoundError, DownloadError,
+            WeightsNotAvailableError, FileExistsError, FileNotFoundError, PermissionError, ValueError)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    from .weights import WeightsNotAvailableError
+
+    try:
+        return int(args.func(args) or 0)
+    except WeightsNotAvailableError as e:
+        print(f"robustmedsam: {e}", file=sys.stderr)
+        return EXIT_WEIGHTS
+    except KeyboardInterrupt:
+        print("robustmedsam: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except _known_errors() as e:
+        print(f"robustmedsam {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE if not isinstance(e, (OSError,)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

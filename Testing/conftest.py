@@ -1,0 +1,36 @@
+"""Shared pytest fixtures. Most tests use the tiny configuration with seeded weights; the full ViT-B is
+built only where it matters (parity, the full-size checkpoint through the CLI)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs the full-size ViT-B encoder (tens of seconds on a CPU)")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Never touch the user's real weights cache from tests."""
+    monkeypatch.setenv("ROBUSTMEDSAM_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The tiny robust-decoder model with seeded weights (seed 0)."""
+    from RobustMedSAMLib.models import seeded_model
+
+    return seeded_model("tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def slicerio_data() -> Path:
+    import slicerio
+
+    return Path(os.path.dirname(slicerio.__file__)) / "data"
