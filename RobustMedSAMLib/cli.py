@@ -191,10 +191,9 @@ def _known_errors() -> tuple:
     from .image_io import ImageError
     from .models import ModelNotFoundError
     from .prompts import PromptError
-    from .weights import DownloadError, WeightsNotAvailableError
+    from .weights import WeightsError
 
-    return (PromptError, CheckpointError, ImageError, ModelNotFoundError, DownloadError,
-            WeightsNotAvailableError, FileExistsError, FileNotFoundError, PermissionError, ValueError)
+    return (PromptError, CheckpointError, ImageError, ModelNotFoundError, WeightsError, FileExistsError, FileNotFoundError, PermissionError, ValueError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
