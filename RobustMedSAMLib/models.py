@@ -18,10 +18,13 @@ import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Optional
 
 from .modeling.model import TINY, VIT_B, VIT_B_SAM, Architecture
 from .preprocess import Preprocessing
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .modeling.model import SegmentationModel
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +89,7 @@ def config_for_checkpoint(arch: Architecture, metadata: Dict[str, str], path: Pa
 class LoadedModel:
     """A ready model: ``model`` (eval mode, on ``device``), its ``config`` and where its weights came from."""
 
-    model: "SegmentationModel"  # noqa: F821
+    model: "SegmentationModel"
     config: ModelConfig
     checkpoint: Optional[Path] = None
     metadata: Dict[str, str] = field(default_factory=dict)

@@ -62,7 +62,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .prompts import Prompt, PromptError
-from .volume_io import AxisLike, Volume, ijk_to_slice, resolve_axis, round_half_up
+from .volume_io import AxisLike, Volume, ijk_to_slice, round_half_up
 
 PathLike = Union[str, "os.PathLike[str]"]
 COORDINATES = ("ijk", "lps", "ras")

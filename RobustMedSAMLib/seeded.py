@@ -17,9 +17,12 @@ All values are drawn in float64 and cast to float32, so the result does not depe
 from __future__ import annotations
 
 import zlib
-from typing import Dict, Mapping, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Mapping, Sequence, Tuple
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 def _rng(name: str, seed: int) -> np.random.Generator:
