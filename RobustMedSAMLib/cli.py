@@ -78,6 +78,55 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _window(text: Optional[str]):
+    """``soft_tissue`` / ``lung`` / ... or ``LEVEL,WIDTH``."""
+    if text is None or "," not in text:
+        return text
+    from .intensity import Window
+
+    level, width = (float(v) for v in text.split(","))
+    return Window(level, width)
+
+
+def cmd_segment_volume(args: argparse.Namespace) -> int:
+    from .intensity import intensity_mapping
+    from .predictor import EncodingCache, Predictor
+    from .progress import TextProgressBar
+    from .prompt_files import read_prompts
+    from .samples import resolve
+    from .volume_io import check_output_path, read_volume
+    from .volume_segmentation import segment_volume
+
+    check_output_path(args.output)
+    if args.report:
+        check_output_path(args.report, kinds=(".json",))
+    volume = read_volume(resolve(args.volume))
+    objects = read_prompts(args.prompts or args.markups, volume, args.axis)  # validated before model loading
+    mapping = intensity_mapping(volume.array, modality=args.modality, window=_window(args.window))
+    print(f"{len(objects)} object(s); intensities: {mapping.description}", file=sys.stderr)
+    loaded, robust = load_from_args(args)
+    cache = EncodingCache(max_bytes=int(args.cache_mb * 2**20), fp16=args.fp16_cache, disk_dir=args.cache_dir)
+    predictor = Predictor(loaded, cache, robust=robust)
+    bar = TextProgressBar("segmenting", unit="slices")
+    result = segment_volume(
+        volume, objects, predictor, axis=args.axis or 0, images=mapping.apply(volume.array),
+        propagate_volume=not args.no_propagation, iou_threshold=args.iou_threshold, projection=args.projection,
+        box_extension=args.box_extension, slice_range=tuple(args.slice_range) if args.slice_range else None,
+        progress=lambda done, total, _msg: bar(done, total))
+    bar.close()
+    result.write(args.output, volume)
+    if args.report:
+        from .image_io import write_text
+
+        write_text(args.report, json.dumps({"objects": result.report(), "encoded_slices": predictor.encoder_calls},
+                                           indent=1))
+    for obj in result.objects:
+        print(f"{obj.name}: {int(obj.mask.sum())} voxels" + (
+            f", slices {obj.propagation.z_range[0]}..{obj.propagation.z_range[1]}" if obj.propagation else ""))
+    print(f"wrote {args.output} ({predictor.encoder_calls} slices encoded)")
+    return 0
+
+
 def cmd_fuse(args: argparse.Namespace) -> int:
     from .checkpoints import fuse_checkpoints, inspect_checkpoint
 
@@ -139,6 +188,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from Training.evaluate import main as evaluate_main  # imported lazily: the training tools are optional
+
+    return evaluate_main(args.evaluate_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -161,6 +216,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_segment)
 
+    p = sub.add_parser("segment-volume", help="segment objects in a 3D volume: prompts on a slice, propagation")
+    p.add_argument("volume", help="NIfTI, NRRD, MHA or a DICOM folder; sample:chest-ct for the sample CT")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", type=Path, help="prompts JSON (format in the README)")
+    src.add_argument("--markups", type=Path, nargs="+", help="3D Slicer markups .mrk.json (point lists, ROIs)")
+    p.add_argument("--output", "-o", type=Path, required=True, help=".seg.nrrd (3D Slicer) or .nii.gz labels")
+    p.add_argument("--axis", default=None, help="slice axis: k (default), j, i, axial, coronal, sagittal")
+    p.add_argument("--iou-threshold", type=float, default=0.5,
+                   help="stop propagating where consecutive slices overlap less (default 0.5)")
+    p.add_argument("--projection", default="mask", choices=["mask", "box", "points", "points_and_mask",
+                                                            "single_point"],
+                   help="prompts carried to the next slice (default mask = box + mask)")
+    p.add_argument("--box-extension", type=float, default=0.025, help="box growth per slice (fraction or pixels)")
+    p.add_argument("--slice-range", type=int, nargs=2, metavar=("FIRST", "LAST"), help="limit propagation")
+    p.add_argument("--no-propagation", action="store_true", help="segment only the prompted slices")
+    p.add_argument("--window", help="CT window: soft_tissue (default for CT), lung, bone, brain or LEVEL,WIDTH")
+    p.add_argument("--modality", choices=["CT", "MR", "other"], help="override the guessed modality")
+    p.add_argument("--report", type=Path, help="write per-slice predicted IoU and stop reasons as JSON")
+    p.add_argument("--cache-mb", type=float, default=2048, help="in-memory encoding cache cap (MB)")
+    p.add_argument("--fp16-cache", action="store_true", help="store cached encodings as float16")
+    p.add_argument("--cache-dir", type=Path, help="also keep encodings on disk here (reused by later runs)")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_segment_volume)
+
     p = sub.add_parser("fuse", help="module-wise checkpoint fusion: encoders from one file, decoder from another")
     p.add_argument("--encoder", type=Path, required=True, help="checkpoint giving image + prompt encoder")
     p.add_argument("--decoder", type=Path, required=True, help="checkpoint giving the mask decoder")
@@ -182,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list named models and whether their weights are cached")
     p.set_defaults(func=cmd_models)
+
+    # every option of `evaluate` is parsed by Training.evaluate (so this parser takes the rest verbatim)
+    p = sub.add_parser("evaluate", help="Dice of models per dataset x corruption x prompt (evaluate --help)",
+                       add_help=False, prefix_chars="\0")
+    p.add_argument("evaluate_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_evaluate)
 
     return parser
 

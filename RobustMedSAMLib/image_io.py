@@ -96,3 +96,9 @@ def write_array(path: os.PathLike, array: np.ndarray, dtype: Optional[type] = np
             np.save(f, array.astype(dtype) if dtype else array)
 
     return _atomic(path, save)
+
+
+def write_text(path: os.PathLike, text: str) -> Path:
+    """Write a text file (e.g. a JSON report) atomically."""
+    path = check_writable(path)
+    return _atomic(path, lambda p: Path(p).write_text(text, encoding="utf-8"))

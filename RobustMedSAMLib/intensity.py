@@ -149,6 +149,13 @@ class IntensityMapping:
     modality: str = "CT"
     window: Optional[Window] = None
 
+    @property
+    def description(self) -> str:
+        """E.g. ``CT window 40/400 (-160..240)`` or ``other: percentiles 0.5-99.5 -> 12..873``."""
+        if self.window is not None:
+            return f"{self.modality} window {self.window.level:g}/{self.window.width:g} ({self.lower:g}..{self.upper:g})"
+        return f"{self.modality}: non-zero percentiles {PERCENTILES[0]}-{PERCENTILES[1]} -> {self.lower:g}..{self.upper:g}"
+
     def apply(self, array, chunk_voxels: int = 1 << 23) -> np.ndarray:
         """uint8 array of the same shape (whole volume or any slice of it); float64 maths in chunks."""
         a = np.asarray(getattr(array, "array", array))

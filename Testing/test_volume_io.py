@@ -13,6 +13,8 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
+from support import geometry_variants, load_with_slicer
+
 from RobustMedSAMLib.volume_io import (SegmentInfo, Volume, VolumeError, ijk_to_slice, read_segmentation,
                                        read_volume, resolve_axis, slice_to_ijk, write_segmentation)
 
@@ -87,46 +89,9 @@ def test_slicing_table_and_inverse(ct):
         vol.stack_slices(1, [vol.slice(0, 0)] * 34)
 
 
-def _rotation(deg_z, deg_x):
-    z, x = np.radians(deg_z), np.radians(deg_x)
-    rz = np.array([[np.cos(z), -np.sin(z), 0], [np.sin(z), np.cos(z), 0], [0, 0, 1]])
-    rx = np.array([[1, 0, 0], [0, np.cos(x), -np.sin(x)], [0, np.sin(x), np.cos(x)]])
-    return rz @ rx
-
-
-def _resample(image, spacing, direction):
-    """Nearest-neighbour resampling of ``image`` onto a grid with ``spacing``/``direction`` covering it."""
-    vol = Volume.from_sitk(image)
-    lo, hi = vol.physical_extent()
-    corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
-    local = corners @ np.asarray(direction)  # coordinates along the new axes
-    start, stop = local.min(axis=0), local.max(axis=0)
-    size = np.ceil((stop - start) / spacing).astype(int)
-    origin = np.asarray(direction) @ (start + np.asarray(spacing) / 2)
-    f = sitk.ResampleImageFilter()
-    f.SetSize([int(s) for s in size])
-    f.SetOutputSpacing([float(s) for s in spacing])
-    f.SetOutputOrigin([float(o) for o in origin])
-    f.SetOutputDirection([float(d) for d in np.asarray(direction).ravel()])
-    f.SetInterpolator(sitk.sitkNearestNeighbor)
-    f.SetDefaultPixelValue(0 if image.GetPixelID() == sitk.sitkUInt8 else -5000)  # -5000: outside the CT
-    return f.Execute(image)
-
-
-def _variants(ct_image, label_image):
-    oblique = _rotation(25, 15) @ np.array(ct_image.GetDirection()).reshape(3, 3)
-    out = {"original": (ct_image, label_image)}
-    out["flipped"] = tuple(sitk.Flip(im, [True, False, True]) for im in (ct_image, label_image))
-    out["permuted"] = tuple(sitk.PermuteAxes(im, [2, 0, 1]) for im in (ct_image, label_image))
-    aniso_dir = np.array(ct_image.GetDirection()).reshape(3, 3)
-    out["anisotropic"] = tuple(_resample(im, (2.3, 4.1, 6.7), aniso_dir) for im in (ct_image, label_image))
-    out["oblique"] = tuple(_resample(im, (3.3, 2.9, 5.5), oblique) for im in (ct_image, label_image))
-    return out
-
-
 @pytest.fixture(scope="module")
 def variants(ct_image, seg):
-    return _variants(ct_image, _label_image(seg))
+    return geometry_variants(ct_image, _label_image(seg))
 
 
 def _check_same_anatomy(variant: Volume, original: Volume, n=3000):
@@ -307,48 +272,6 @@ def test_read_errors_name_file_problem_and_fix(ct_image, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- segmentations
-def _headless_slicer_scene():
-    import slicer
-    import vtk
-
-    vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)
-    scene = slicer.vtkMRMLScene()
-    app = slicer.vtkSlicerApplicationLogic()
-    app.SetMRMLScene(scene)
-    logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    logic.SetMRMLApplicationLogic(app)
-    logic.SetMRMLScene(scene)
-    app.SetModuleLogic("Segmentations", logic)
-    return scene, (app, logic)
-
-
-def _load_with_slicer(path):
-    """Open a .seg.nrrd with Slicer's own storage node; return {name: (color, voxel count)} and IJK-to-RAS."""
-    import slicer
-    import vtk
-    from vtk.util import numpy_support
-
-    scene, keep = _headless_slicer_scene()
-    node = slicer.vtkMRMLSegmentationNode()
-    scene.AddNode(node)
-    storage = slicer.vtkMRMLSegmentationStorageNode()
-    scene.AddNode(storage)
-    storage.SetFileName(str(path))
-    assert storage.ReadData(node) == 1
-    segmentation = node.GetSegmentation()
-    out, matrix = {}, None
-    for n in range(segmentation.GetNumberOfSegments()):
-        segment = segmentation.GetSegment(segmentation.GetNthSegmentID(n))
-        labelmap = segment.GetRepresentation("Binary labelmap")
-        voxels = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())
-        out[segment.GetName()] = (segment.GetColor(), int(np.count_nonzero(voxels == segment.GetLabelValue())))
-        m = vtk.vtkMatrix4x4()
-        labelmap.GetImageToWorldMatrix(m)
-        # Slicer's image-to-world (RAS) matrix; we write a zero extent offset, so its ijk are the file's
-        matrix = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
-    return out, matrix
-
-
 def test_seg_nrrd_round_trip_and_slicer_opens_it(seg, ct, tmp_path):
     assert len(seg.segments) == 7
     path = write_segmentation(tmp_path / "out.seg.nrrd", seg.labels, ct, seg.segments)
@@ -357,7 +280,7 @@ def test_seg_nrrd_round_trip_and_slicer_opens_it(seg, ct, tmp_path):
     assert [(s.name, s.color, s.label_value) for s in back.segments] == \
         [(s.name, s.color, s.label_value) for s in seg.segments]
     np.testing.assert_allclose(back.ijk_to_lps, ct.ijk_to_lps, atol=1e-9)
-    loaded, matrix = _load_with_slicer(path)
+    loaded, matrix = load_with_slicer(path)
     assert list(loaded) == [s.name for s in seg.segments]
     for s in seg.segments:
         color, count = loaded[s.name]
@@ -371,7 +294,7 @@ def test_slicer_reads_oblique_segmentation_geometry(variants, seg, tmp_path):
     ref = Volume.from_sitk(image)
     lab = sitk.GetArrayFromImage(labels)
     path = write_segmentation(tmp_path / "oblique.seg.nrrd", lab, ref, seg.segments)
-    loaded, matrix = _load_with_slicer(path)
+    loaded, matrix = load_with_slicer(path)
     np.testing.assert_allclose(matrix, ref.ijk_to_ras, atol=1e-6)
     for s in seg.segments:
         assert loaded[s.name][1] == np.count_nonzero(lab == s.label_value)

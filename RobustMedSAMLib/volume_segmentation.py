@@ -1,0 +1,212 @@
+"""Volumetric segmentation: a volume + per-object prompts -> one mask per object (and a label volume).
+
+The one 3D pipeline used by the CLI (``segment-volume``), the Slicer module's Logic and its batch script,
+and evaluation:
+
+1. intensities -> uint8 once for the whole volume (:mod:`RobustMedSAMLib.intensity`: CT window or
+   percentiles), so every slice sees the same mapping;
+2. each prompted slice of each object -> a seed mask (:class:`~RobustMedSAMLib.predictor.Predictor`;
+   an ambiguous single-point prompt uses multimask output and keeps the mask with the best predicted IoU);
+3. seeds -> IoU-stopped propagation along one voxel axis (:mod:`RobustMedSAMLib.propagation`).
+
+Slices are encoded only when propagation reaches them, once (the predictor's cache is shared by all
+objects). Arrays are ``(K, J, I)``; see docs/coordinates.md for the slice axes.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .intensity import WindowLike, intensity_mapping
+from .predictor import Predictor
+from .prompt_files import ObjectPrompts
+from .prompts import Prediction, Prompt
+from .propagation import PropagationResult, propagate
+from .volume_io import DEFAULT_COLORS, AxisLike, SegmentInfo, Volume, write_segment_masks
+
+log = logging.getLogger(__name__)
+
+#: ``progress(done, total, message)``: slices predicted so far and an estimate of the total.
+Progress = Callable[[int, int, str], None]
+
+
+class SeedError(ValueError):
+    """A prompt gave an empty mask on its own slice: nothing to propagate."""
+
+
+class VolumeSegmenter:
+    """A :class:`~RobustMedSAMLib.propagation.SliceSegmenter` over one voxel axis of a uint8 volume.
+
+    Arguments:
+        predictor: the cached predictor (shared across objects and runs).
+        images: ``(K, J, I)`` uint8 volume (already intensity-mapped).
+        axis: 0/1/2 = k/j/i (docs/coordinates.md); slices ``images.take(index, axis)``.
+    """
+
+    def __init__(self, predictor: Predictor, images: np.ndarray, axis: int) -> None:
+        if images.ndim != 3 or images.dtype != np.uint8:
+            raise ValueError(f"expected a (K, J, I) uint8 volume, got {images.shape} {images.dtype}")
+        self.predictor = predictor
+        self.images = images
+        self.axis = int(axis)
+        self.num_slices = images.shape[self.axis]
+        self.slice_shape: Tuple[int, int] = tuple(s for a, s in enumerate(images.shape) if a != self.axis)
+
+    def image(self, index: int) -> np.ndarray:
+        """Slice ``index`` as an ``(H, W)`` uint8 image (rows/columns per docs/coordinates.md)."""
+        return np.ascontiguousarray(np.take(self.images, index, axis=self.axis))
+
+    @property
+    def context(self) -> str:
+        return f"axis={self.axis}"
+
+    def predict_slice(self, index: int, prompt: Prompt, multimask: bool = False) -> Prediction:
+        pred = self.predictor.predict(prompt, multimask=multimask, image=self.image(index), context=self.context)
+        return pred.select(pred.best) if multimask else pred
+
+    def prefetch(self, index: int) -> None:
+        """Start encoding slice ``index`` in the background (the Slicer effect calls this)."""
+        if 0 <= index < self.num_slices:
+            self.predictor.prefetch(self.image(index), self.context)
+
+
+def is_ambiguous(prompt: Prompt) -> bool:
+    """One positive point and nothing else: SAM recommends multimask output for such prompts."""
+    return (prompt.box is None and prompt.mask is None and prompt.logits is None and prompt.points is not None
+            and len(prompt.points) == 1)
+
+
+@dataclass
+class ObjectResult:
+    """One object: ``mask`` ``(K, J, I)`` bool, the propagation record, and each seed slice's prediction."""
+
+    name: str
+    color: Tuple[float, float, float]
+    mask: np.ndarray
+    propagation: Optional[PropagationResult]
+    seeds: Dict[int, Prediction] = field(default_factory=dict)
+
+
+@dataclass
+class VolumeResult:
+    """All objects of one run. ``labels()`` merges them (later objects win where they overlap)."""
+
+    objects: List[ObjectResult]
+    axis: int
+
+    def segments(self) -> List[SegmentInfo]:
+        """Segment descriptions: object n -> label value n."""
+        return [SegmentInfo(o.name, tuple(o.color), n) for n, o in enumerate(self.objects, start=1)]
+
+    def labels(self) -> Tuple[np.ndarray, List[SegmentInfo]]:
+        """``(K, J, I)`` label array (object n -> label n; later objects win where objects overlap) and the
+        matching segment descriptions. :meth:`write` keeps overlaps in ``.seg.nrrd`` files."""
+        labels = np.zeros(self.objects[0].mask.shape, dtype=np.uint8 if len(self.objects) < 256 else np.uint16)
+        for n, obj in enumerate(self.objects, start=1):
+            labels[obj.mask] = n
+        return labels, self.segments()
+
+    def write(self, path, reference: Volume):
+        """Write all objects on ``reference``'s grid: ``.seg.nrrd`` (overlaps kept in layers) or a label volume."""
+        return write_segment_masks(path, [o.mask for o in self.objects], reference, self.segments())
+
+    def report(self) -> List[dict]:
+        """JSON-able per-object summary with per-slice predicted IoU and inter-slice IoU."""
+        out = []
+        for obj in self.objects:
+            entry = {"name": obj.name, "voxels": int(obj.mask.sum()),
+                     "seeds": {int(k): float(v.score) for k, v in obj.seeds.items()}}
+            if obj.propagation is not None:
+                entry["slices"] = obj.propagation.report()
+                entry["stops"] = {k: vars(v) for k, v in obj.propagation.stops.items()}
+            out.append(entry)
+        return out
+
+
+def uint8_volume(volume: Volume, modality: Optional[str] = None, window: Optional[WindowLike] = None
+                 ) -> np.ndarray:
+    """The whole volume mapped to uint8 once (CT window or percentiles; modality guessed if not given)."""
+    return intensity_mapping(volume.array, modality=modality, window=window).apply(volume.array)
+
+
+def segment_object(segmenter: VolumeSegmenter, obj: ObjectPrompts, *, propagate_volume: bool = True,
+                   iou_threshold: float = 0.5, projection: Union[str, dict] = "mask", box_extension: float = 0.025,
+                   slice_range: Optional[Tuple[int, int]] = None, progress: Optional[Callable] = None,
+                   cancel: Optional[Callable[[], bool]] = None
+                   ) -> Tuple[np.ndarray, Dict[int, Prediction], Optional[PropagationResult]]:
+    """Seed masks from an object's prompts, then propagate them.
+
+    Returns ``(masks (num_slices, H, W) bool along the segmenter's axis, seed predictions, propagation
+    result or None)``.
+    """
+    if not obj.slices:
+        raise SeedError(f"object {obj.name!r} has no prompt")
+    seeds: Dict[int, Prediction] = {}
+    for index, prompt in sorted(obj.slices.items()):
+        if cancel is not None and cancel():
+            from .propagation import PropagationCancelled
+
+            raise PropagationCancelled("cancelled")
+        pred = segmenter.predict_slice(index, prompt, multimask=is_ambiguous(prompt))
+        if not pred.mask.any():
+            raise SeedError(f"the prompt of {obj.name!r} on slice {index} gave an empty mask; move the points "
+                            "inside the object or draw a box around it")
+        seeds[index] = pred
+    seed_masks = {i: p.mask for i, p in seeds.items()}
+    if not propagate_volume:
+        stack = np.zeros((segmenter.num_slices, *segmenter.slice_shape), dtype=bool)
+        for i, mask in seed_masks.items():
+            stack[i] = mask
+        return stack, seeds, None
+    result = propagate(segmenter, seed_masks, iou_threshold=iou_threshold, projection=projection,
+                       box_extension=box_extension, slice_range=obj.slice_range or slice_range,
+                       progress=progress, cancel=cancel)
+    return result.masks, seeds, result
+
+
+def segment_volume(volume: Volume, objects: Sequence[ObjectPrompts], predictor: Predictor, *,
+                   axis: AxisLike = 0, modality: Optional[str] = None, window: Optional[WindowLike] = None,
+                   images: Optional[np.ndarray] = None, propagate_volume: bool = True, iou_threshold: float = 0.5,
+                   projection: Union[str, dict] = "mask", box_extension: float = 0.025,
+                   slice_range: Optional[Tuple[int, int]] = None, progress: Optional[Progress] = None,
+                   cancel: Optional[Callable[[], bool]] = None) -> VolumeResult:
+    """Segment every object of ``objects`` in ``volume``.
+
+    Arguments:
+        volume: the volume (``array`` ``(K, J, I)``, geometry used only by the caller for writing).
+        objects: per-object prompts on slices along ``axis`` (see :mod:`RobustMedSAMLib.prompt_files`).
+        predictor: a :class:`~RobustMedSAMLib.predictor.Predictor` (its cache is reused across calls).
+        axis: slicing axis (0/1/2, k/j/i, axial/coronal/sagittal).
+        modality, window: intensity mapping (``images`` may be given instead, already uint8 ``(K, J, I)``).
+        propagate_volume: False segments only the prompted slices.
+        iou_threshold, projection, box_extension, slice_range: propagation options (``propagation.py``).
+        progress: ``progress(done, total, message)``; cancel: returns True to stop (raises
+            :class:`~RobustMedSAMLib.propagation.PropagationCancelled`; nothing is returned or changed).
+    """
+    ax = volume.resolve_axis(axis)
+    if not objects:
+        raise ValueError("no object to segment: give at least one prompt")
+    if images is None:
+        images = uint8_volume(volume, modality, window)
+    segmenter = VolumeSegmenter(predictor, images, ax)
+    results: List[ObjectResult] = []
+    budget = segmenter.num_slices * len(objects)
+    for n, obj in enumerate(objects):
+        base = n * segmenter.num_slices
+
+        def report(done, total, index, _base=base, _name=obj.name):
+            if progress is not None:
+                progress(_base + done, max(budget, _base + total), f"{_name}: slice {index}")
+
+        stack, seeds, prop = segment_object(
+            segmenter, obj, propagate_volume=propagate_volume, iou_threshold=iou_threshold, projection=projection,
+            box_extension=box_extension, slice_range=slice_range, progress=report, cancel=cancel)
+        full = np.moveaxis(stack, 0, ax)  # (num_slices, H, W) -> (K, J, I)
+        color = tuple(obj.color) if obj.color is not None else DEFAULT_COLORS[n % len(DEFAULT_COLORS)]
+        results.append(ObjectResult(obj.name, color, full, prop, seeds))
+    if progress is not None:
+        progress(budget, budget, "done")
+    return VolumeResult(results, ax)

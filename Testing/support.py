@@ -1,0 +1,87 @@
+"""Helpers shared by tests: geometry variants of the chest CT, and Slicer's own segmentation reader."""
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from RobustMedSAMLib.volume_io import Volume
+
+
+def rotation(deg_z, deg_x):
+    z, x = np.radians(deg_z), np.radians(deg_x)
+    rz = np.array([[np.cos(z), -np.sin(z), 0], [np.sin(z), np.cos(z), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(x), -np.sin(x)], [0, np.sin(x), np.cos(x)]])
+    return rz @ rx
+
+
+def resample(image, spacing, direction):
+    """Nearest-neighbour resampling of ``image`` onto a grid with ``spacing``/``direction`` covering it."""
+    vol = Volume.from_sitk(image)
+    lo, hi = vol.physical_extent()
+    corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+    local = corners @ np.asarray(direction)  # coordinates along the new axes
+    start, stop = local.min(axis=0), local.max(axis=0)
+    size = np.ceil((stop - start) / spacing).astype(int)
+    origin = np.asarray(direction) @ (start + np.asarray(spacing) / 2)
+    f = sitk.ResampleImageFilter()
+    f.SetSize([int(s) for s in size])
+    f.SetOutputSpacing([float(s) for s in spacing])
+    f.SetOutputOrigin([float(o) for o in origin])
+    f.SetOutputDirection([float(d) for d in np.asarray(direction).ravel()])
+    f.SetInterpolator(sitk.sitkNearestNeighbor)
+    f.SetDefaultPixelValue(0 if image.GetPixelID() == sitk.sitkUInt8 else -5000)  # -5000: outside the CT
+    return f.Execute(image)
+
+
+def geometry_variants(ct_image, label_image):
+    oblique = rotation(25, 15) @ np.array(ct_image.GetDirection()).reshape(3, 3)
+    out = {"original": (ct_image, label_image)}
+    out["flipped"] = tuple(sitk.Flip(im, [True, False, True]) for im in (ct_image, label_image))
+    out["permuted"] = tuple(sitk.PermuteAxes(im, [2, 0, 1]) for im in (ct_image, label_image))
+    aniso_dir = np.array(ct_image.GetDirection()).reshape(3, 3)
+    out["anisotropic"] = tuple(resample(im, (2.3, 4.1, 6.7), aniso_dir) for im in (ct_image, label_image))
+    out["oblique"] = tuple(resample(im, (3.3, 2.9, 5.5), oblique) for im in (ct_image, label_image))
+    return out
+
+
+
+def headless_slicer_scene():
+    import slicer
+    import vtk
+
+    vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)
+    scene = slicer.vtkMRMLScene()
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(scene)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLApplicationLogic(app)
+    logic.SetMRMLScene(scene)
+    app.SetModuleLogic("Segmentations", logic)
+    return scene, (app, logic)
+
+
+def load_with_slicer(path):
+    """Open a .seg.nrrd with Slicer's own storage node; return {name: (color, voxel count)} and IJK-to-RAS."""
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    scene, keep = headless_slicer_scene()
+    node = slicer.vtkMRMLSegmentationNode()
+    scene.AddNode(node)
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node) == 1
+    segmentation = node.GetSegmentation()
+    out, matrix = {}, None
+    for n in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetSegment(segmentation.GetNthSegmentID(n))
+        labelmap = segment.GetRepresentation("Binary labelmap")
+        voxels = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())
+        out[segment.GetName()] = (segment.GetColor(), int(np.count_nonzero(voxels == segment.GetLabelValue())))
+        m = vtk.vtkMatrix4x4()
+        labelmap.GetImageToWorldMatrix(m)
+        # Slicer's image-to-world (RAS) matrix; we write a zero extent offset, so its ijk are the file's
+        matrix = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    return out, matrix
