@@ -162,7 +162,8 @@ class Predictor:
 
     # -- encoding -------------------------------------------------------------------------------------
     def key(self, image: np.ndarray, context: str = "") -> str:
-        return image_key(image, f"{self.loaded.signature}|robust={self.robust}|{context}")
+        return image_key(image, f"{self.loaded.signature}|robust={self.robust}|bn={self.model.batchnorm_mode}|"
+                                f"{context}")
 
     def encode(self, image: np.ndarray, context: str = "") -> ImageEncoding:
         """The (cached) encoding of a uint8 ``(H, W[, 3])`` image; encodes on a miss."""

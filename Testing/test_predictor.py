@@ -137,3 +137,17 @@ def test_prompt_construction_errors():
         Prompt(points=[[1, 2], [3, 4]], labels=[1])
     with pytest.raises(PromptError, match="4 numbers"):
         Prompt(box=[1, 2, 3])
+
+
+def test_batchnorm_mode_is_part_of_the_cache_key(tiny_model):
+    p = Predictor(tiny_model)
+    a = p.predict(PROMPTS[0], image=IMG)
+    tiny_model.model.set_batchnorm_mode("per_sample")
+    try:
+        b = p.predict(PROMPTS[0], image=IMG)  # must not reuse features computed with running statistics
+        assert p.encoder_calls == 2
+        fresh = Predictor(tiny_model).predict(PROMPTS[0], image=IMG)
+        np.testing.assert_allclose(b.logits, fresh.logits, atol=1e-5)
+        assert not np.allclose(a.logits, b.logits, atol=1e-3)
+    finally:
+        tiny_model.model.set_batchnorm_mode("running")

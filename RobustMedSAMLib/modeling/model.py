@@ -87,9 +87,15 @@ class SegmentationModel(nn.Module):
     def has_robust_decoder(self) -> bool:
         return self.mask_decoder.has_robust_modules
 
+    batchnorm_mode = "running"
+
     def set_batchnorm_mode(self, mode: str) -> None:
-        """``"running"`` (default) or ``"per_sample"`` (official eval scripts); see ``robust_blocks``."""
+        """``"running"`` (default) or ``"per_sample"`` (official eval scripts); see ``robust_blocks``.
+
+        Cached robust image features depend on it: encodings made in another mode must not be reused
+        (the predictor's cache keys include this mode)."""
         set_batchnorm_mode(self, mode)
+        self.batchnorm_mode = mode
 
     def encode(self, images: torch.Tensor, robust: Optional[bool] = None) -> ImageEncoding:
         """Encode preprocessed images ``(N, 3, S, S)``; with a robust decoder also its image-only branches.
