@@ -127,6 +127,46 @@ def cmd_segment_volume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    import os
+
+    from . import batch
+    from .predictor import EncodingCache, Predictor
+
+    if args.manifest:
+        cases = batch.cases_from_manifest(args.manifest)
+    elif args.volumes and args.prompts and args.output_dir:
+        cases = batch.cases_from_folders(args.volumes, args.prompts, args.output_dir, args.suffix)
+    else:
+        raise ValueError("give --manifest CSV, or --volumes DIR --prompts DIR --output-dir DIR")
+    rank, world = batch.shard_from_env(args.shard)
+    mine = batch.my_cases(cases, rank, world)
+    todo = [c for c in mine if args.overwrite or not c.output.exists()]
+    print(f"shard {rank}/{world}: {len(mine)} of {len(cases)} cases, {len(mine) - len(todo)} already done",
+          file=sys.stderr)
+    if not todo:
+        return 0
+    if args.device == "auto" and "LOCAL_RANK" in os.environ:
+        import torch
+
+        if torch.cuda.is_available():  # one GPU per torchrun process
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+    loaded, robust = load_from_args(args, quiet=rank != 0)
+    predictor = Predictor(loaded, EncodingCache(max_bytes=int(args.cache_mb * 2**20)), robust=robust)
+    defaults = {"axis": args.axis, "window": _window(args.window), "modality": args.modality,
+                "iou_threshold": args.iou_threshold, "projection": args.projection,
+                "box_extension": args.box_extension, "report": args.report}
+    log_path = Path(args.case_log) if args.case_log else None
+    if log_path is not None and world > 1:
+        log_path = log_path.with_name(f"{log_path.stem}.rank{rank}{log_path.suffix}")
+    outcomes = batch.run_cases(mine, lambda case: batch.segment_case(case, predictor, defaults),
+                               overwrite=args.overwrite, log_path=log_path)
+    failed = [o for o in outcomes if o.status == "failed"]
+    print(f"shard {rank}/{world}: {sum(o.status == 'done' for o in outcomes)} done, "
+          f"{sum(o.status == 'skipped' for o in outcomes)} skipped, {len(failed)} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_fuse(args: argparse.Namespace) -> int:
     from .checkpoints import fuse_checkpoints, inspect_checkpoint
 
@@ -239,6 +279,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, help="also keep encodings on disk here (reused by later runs)")
     _add_model_args(p)
     p.set_defaults(func=cmd_segment_volume)
+
+    p = sub.add_parser("batch", help="segment many volumes (folder or CSV manifest); shards with torchrun")
+    p.add_argument("--manifest", type=Path, help="CSV with columns volume, prompts, output [, axis, window, modality]")
+    p.add_argument("--volumes", type=Path, help="folder of volumes (files or DICOM sub-folders)")
+    p.add_argument("--prompts", type=Path, help="folder of <case>.json / <case>.mrk.json prompt files")
+    p.add_argument("--output-dir", type=Path, help="folder for <case><suffix> outputs")
+    p.add_argument("--suffix", default=".seg.nrrd", help="output suffix in folder mode (.seg.nrrd or .nii.gz)")
+    p.add_argument("--shard", help="R/N: this machine's share (default: torchrun's RANK/WORLD_SIZE, else all)")
+    p.add_argument("--overwrite", action="store_true", help="redo cases whose output exists")
+    p.add_argument("--case-log", type=Path, help="append one CSV line per case (per rank under torchrun)")
+    p.add_argument("--report", action="store_true", help="write <case>.report.json next to each output")
+    p.add_argument("--axis", default=None)
+    p.add_argument("--window")
+    p.add_argument("--modality", choices=["CT", "MR", "other"])
+    p.add_argument("--iou-threshold", type=float, default=0.5)
+    p.add_argument("--projection", default="mask")
+    p.add_argument("--box-extension", type=float, default=0.025)
+    p.add_argument("--cache-mb", type=float, default=2048)
+    _add_model_args(p)
+    p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("fuse", help="module-wise checkpoint fusion: encoders from one file, decoder from another")
     p.add_argument("--encoder", type=Path, required=True, help="checkpoint giving image + prompt encoder")
