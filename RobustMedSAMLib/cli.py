@@ -361,7 +361,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     except _known_errors() as e:
         print(f"robustmedsam {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE if not isinstance(e, (OSError,)) else 1
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

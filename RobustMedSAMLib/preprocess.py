@@ -121,7 +121,7 @@ def prepare_image(image: np.ndarray, prep: Preprocessing, device=None) -> Tuple[
     if h < 2 or w < 2:
         raise ValueError(f"image of {w} x {h} pixels is too small")
     s = prep.image_size
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).to(device=device).permute(2, 0, 1)[None].float()
+    x = torch.from_numpy(np.require(rgb, requirements=["C", "W"])).to(device=device).permute(2, 0, 1)[None].float()
     if prep.style == "medsam":
         x = F.interpolate(x, (s, s), mode="bicubic", align_corners=False, antialias=True)
         lo, hi = x.min(), x.max()

@@ -44,8 +44,9 @@ def geometry_variants(ct_image, label_image):
     return out
 
 
-
-def headless_slicer_scene():
+def headless_slicer_scene(*modules: str):
+    """A bare MRML scene with Slicer's module logics attached (default: Segmentations), as the application
+    does at start-up (shared/REFERENCE.md 0b). Keep the returned logics alive as long as the scene."""
     import slicer
     import vtk
 
@@ -53,11 +54,16 @@ def headless_slicer_scene():
     scene = slicer.vtkMRMLScene()
     app = slicer.vtkSlicerApplicationLogic()
     app.SetMRMLScene(scene)
-    logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    logic.SetMRMLApplicationLogic(app)
-    logic.SetMRMLScene(scene)
-    app.SetModuleLogic("Segmentations", logic)
-    return scene, (app, logic)
+    logics = [app]
+    classes = {"Segmentations": slicer.vtkSlicerSegmentationsModuleLogic, "Markups": slicer.vtkSlicerMarkupsLogic,
+               "Volumes": slicer.vtkSlicerVolumesLogic, "Colors": slicer.vtkSlicerColorLogic}
+    for name in modules or ("Segmentations",):
+        logic = classes[name]()
+        logic.SetMRMLApplicationLogic(app)
+        logic.SetMRMLScene(scene)
+        app.SetModuleLogic(name, logic)
+        logics.append(logic)
+    return scene, logics
 
 
 def load_with_slicer(path):

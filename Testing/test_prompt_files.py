@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import slicerio
+from support import headless_slicer_scene
 
 from RobustMedSAMLib.prompt_files import (ObjectPrompts, PromptFileError, is_negative_control_point,
                                           prompts_from_json, read_prompts)
@@ -132,18 +133,7 @@ def test_json_errors_are_clear(ct, tmp_path):
 
 # ------------------------------------------------------------------------------------------- Slicer markups
 def _markups_scene():
-    import slicer
-    import vtk
-
-    vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)
-    scene = slicer.vtkMRMLScene()
-    app = slicer.vtkSlicerApplicationLogic()
-    app.SetMRMLScene(scene)
-    logic = slicer.vtkSlicerMarkupsLogic()
-    logic.SetMRMLApplicationLogic(app)
-    logic.SetMRMLScene(scene)
-    app.SetModuleLogic("Markups", logic)
-    return scene, (app, logic)
+    return headless_slicer_scene("Markups")
 
 
 def _save(scene, node, storage_cls, path, system):
