@@ -1,0 +1,598 @@
+"""RobustMedSAM: degradation-resilient prompt-based segmentation (SAM ViT-B family) for 3D Slicer.
+
+Module (settings, model and weights, segment a volume from markups, IoU plot), Logic (``RobustMedSAMLogic``:
+the GUI-free bridge of ``RobustMedSAMLogic/`` plus dependency installation) and self-test. The two Segment
+Editor effects ("RobustMedSAM", "RobustMedSAM Propagate") are registered by the hidden modules
+``SegmentEditorRobustMedSAM`` and ``SegmentEditorRobustMedSAMPropagate``.
+
+Importing this file needs neither torch nor the engine (it works with ``--no-main-window`` and before the
+dependencies are installed); nothing pops up when the module opens.
+"""
+import logging
+import os
+
+import ctk
+import qt
+import vtk
+
+import slicer
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+try:  # Slicer >= 5.2: typed parameter node; the bridge's Settings reads the same node (same strings)
+    from slicer.parameterNodeWrapper import parameterNodeWrapper
+
+    @parameterNodeWrapper
+    class RobustMedSAMParameterNode:
+        model: str = "robustmedsam"
+        checkpoint: str = ""
+        device: str = "auto"
+        cacheMB: float = 1024.0
+        fp16Cache: bool = False
+        intensity: str = "auto"
+        axis: str = "k"
+        iouThreshold: float = 0.5
+        projection: str = "mask"
+        boxExtension: float = 0.025
+        propagate: bool = True
+        multimask: str = "auto"
+        allowDownload: bool = True
+except ImportError:  # older Slicer: RobustMedSAMLogic.logic.Settings on a plain vtkMRMLScriptedModuleNode
+    RobustMedSAMParameterNode = None
+
+try:
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:  # pragma: no cover - Slicer < 5.4
+    def _(text):
+        return text
+
+    def translate(context, text):
+        return text
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class RobustMedSAM(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("RobustMedSAM")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = ["Segmentations"]
+        self.parent.contributors = ["RobustMedSAM developers"]
+        self.parent.helpText = _(
+            "Prompt-based segmentation that keeps working on noisy, blurred or motion-corrupted images "
+            "(RobustMedSAM: MedSAM encoders + RobustSAM decoder, SAM ViT-B family).<br>"
+            "In the <b>Segment Editor</b>: the <b>RobustMedSAM</b> effect segments a slice from clicks and boxes; "
+            "<b>RobustMedSAM Propagate</b> extends a segment through the volume and stops where the object ends.<br>"
+            "Here: choose the model and device, download the weights, and segment a volume from point lists / ROIs."
+            "<br>Batch mode: <tt>Slicer --no-main-window --python-script &lt;module folder&gt;/Scripts/segment_volume.py "
+            "--input ct.nrrd --prompts prompts.json --output ct.seg.nrrd</tt>.<br>"
+            "See <a href='https://github.com/RobustMedSAM/SlicerRobustMedSAM'>the documentation</a>.")
+        self.parent.acknowledgementText = _(
+            "Built on Segment Anything (Meta AI, Apache-2.0), RobustSAM (MIT), MedSAM (Apache-2.0) and RobustMedSAM "
+            "(Li et al., CVPR 2026 CV4Clinic workshop, MIT). Model weights are downloaded from their publishers "
+            "and keep their own licenses.")
+
+
+#
+# Widget
+#
+
+class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._updatingGUI = False
+        self.task = None
+        self.timer = qt.QTimer()
+        self.timer.setInterval(200)
+        self.timer.connect("timeout()", self.onPoll)
+        self.chartNode = None
+        self.tableNode = None
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/RobustMedSAM.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = RobustMedSAMLogic()
+
+        self.ui.intensityComboBox.addItems(["auto", "display", "soft_tissue", "lung", "bone", "brain", "MR"])
+        self.ui.axisComboBox.addItems(["k", "j", "i", "axial", "coronal", "sagittal"])
+        self.ui.deviceComboBox.addItems(["auto", "cpu", "cuda"])  # refined once torch is importable
+        self.ui.checkpointPathLineEdit.filters = ctk.ctkPathLineEdit.Files
+        self.ui.checkpointPathLineEdit.nameFilters = ["Checkpoints (*.pth *.safetensors)"]
+        self._fillModels()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        for widget, signal in ((self.ui.modelComboBox, "currentIndexChanged(int)"),
+                               (self.ui.deviceComboBox, "currentIndexChanged(int)"),
+                               (self.ui.intensityComboBox, "currentIndexChanged(int)"),
+                               (self.ui.axisComboBox, "currentIndexChanged(int)"),
+                               (self.ui.cacheSizeSpinBox, "valueChanged(double)"),
+                               (self.ui.fp16CheckBox, "toggled(bool)"),
+                               (self.ui.propagateCheckBox, "toggled(bool)"),
+                               (self.ui.iouThresholdSliderWidget, "valueChanged(double)"),
+                               (self.ui.checkpointPathLineEdit, "currentPathChanged(QString)")):
+            widget.connect(signal, self.updateParameterNodeFromGUI)
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
+        self.ui.markupsSelector.connect("checkedNodesChanged()", self.updateButtons)
+        self.ui.downloadButton.connect("clicked(bool)", self.onDownload)
+        self.ui.cancelDownloadButton.connect("clicked(bool)", self.onCancelTask)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelTask)
+        self.ui.clearCacheButton.connect("clicked(bool)", self.onClearCache)
+        self.ui.installButton.connect("clicked(bool)", self.onInstall)
+        self.ui.applyButton.connect("clicked(bool)", self.onApply)
+        self.ui.undoButton.connect("clicked(bool)", self.onUndo)
+        self.initializeParameterNode()
+        qt.QTimer.singleShot(0, self._detectDevices)
+
+    def _detectDevices(self):
+        """CUDA/CPU as the engine sees them, once torch is installed (it is not imported otherwise)."""
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            return
+        try:
+            from RobustMedSAMLogic.engine import available_devices
+
+            devices = list(available_devices())
+        except Exception as e:  # a broken torch install must not break the module
+            logging.warning(f"RobustMedSAM: device detection failed: {e}")
+            return
+        current = self.logic.settings().device
+        wasBlocked = self.ui.deviceComboBox.blockSignals(True)
+        self.ui.deviceComboBox.clear()
+        self.ui.deviceComboBox.addItems(devices)
+        self.ui.deviceComboBox.currentText = current if current in devices else "auto"
+        self.ui.deviceComboBox.blockSignals(wasBlocked)
+
+    def cleanup(self):
+        self.removeObservers()
+        self.timer.stop()
+        if self.task is not None:
+            self.task.cancel()
+
+    def enter(self):
+        self.initializeParameterNode()
+        self.updateStatus()
+
+    def exit(self):
+        if self._parameterNode is not None:
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, node):
+        if self._parameterNode is not None:
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self._parameterNode = node
+        if node is not None:
+            self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self.updateGUIFromParameterNode()
+
+    def _fillModels(self):
+        try:
+            from RobustMedSAMLogic.engine import CUSTOM_CHECKPOINT, model_names
+
+            names = list(model_names()) + [CUSTOM_CHECKPOINT]
+        except ImportError:  # engine not importable yet (dependencies missing)
+            names = ["robustmedsam", "robustsam", "medsam", "sam-vit-b", "custom checkpoint"]
+        self.ui.modelComboBox.clear()
+        self.ui.modelComboBox.addItems(names)
+
+    def updateGUIFromParameterNode(self, caller=None, event=None):
+        if self._parameterNode is None or self._updatingGUI:
+            return
+        self._updatingGUI = True
+        try:
+            s = self.logic.settings(self._parameterNode)
+            self.ui.modelComboBox.currentText = s.model
+            self.ui.checkpointPathLineEdit.currentPath = s.checkpoint
+            self.ui.deviceComboBox.currentText = s.device
+            self.ui.cacheSizeSpinBox.value = s.cacheMB
+            self.ui.fp16CheckBox.checked = s.fp16Cache
+            self.ui.intensityComboBox.currentText = s.intensity
+            self.ui.axisComboBox.currentText = s.axis
+            self.ui.propagateCheckBox.checked = s.propagate
+            self.ui.iouThresholdSliderWidget.value = s.iouThreshold
+            self.ui.checkpointPathLineEdit.enabled = s.model == "custom checkpoint"
+        finally:
+            self._updatingGUI = False
+        self.updateStatus()
+        self.updateButtons()
+
+    def updateParameterNodeFromGUI(self, *args):
+        if self._parameterNode is None or self._updatingGUI:
+            return
+        s = self.logic.settings(self._parameterNode)
+        s.model = self.ui.modelComboBox.currentText
+        s.checkpoint = self.ui.checkpointPathLineEdit.currentPath
+        s.device = self.ui.deviceComboBox.currentText
+        s.cacheMB = float(self.ui.cacheSizeSpinBox.value)
+        s.fp16Cache = bool(self.ui.fp16CheckBox.checked)
+        s.intensity = self.ui.intensityComboBox.currentText
+        s.axis = self.ui.axisComboBox.currentText
+        s.propagate = bool(self.ui.propagateCheckBox.checked)
+        s.iouThreshold = float(self.ui.iouThresholdSliderWidget.value)
+        self.logic.setSettings(s, self._parameterNode)
+
+    # status --------------------------------------------------------------------------------------
+    def updateStatus(self):
+        """Weights and cache status; never imports torch (cheap, no popup)."""
+        try:
+            from RobustMedSAMLogic.engine import CUSTOM_CHECKPOINT, weights_status
+
+            model = self.ui.modelComboBox.currentText
+            if model == CUSTOM_CHECKPOINT:
+                path = self.ui.checkpointPathLineEdit.currentPath
+                text = f"checkpoint: {path}" if path and os.path.isfile(path) else "choose a checkpoint file"
+            else:
+                text = weights_status(model)[2]
+            missing = self.logic.missingDependencies()
+            if missing:
+                text += "<br>Python packages to install: " + ", ".join(missing)
+            self.ui.installButton.visible = bool(missing)
+            self.ui.weightsStatusLabel.text = text
+            engine = self.logic.engine
+            self.ui.cacheStatusLabel.text = engine.cache_text() if engine is not None else "empty"
+        except ImportError as e:
+            self.ui.weightsStatusLabel.text = f"Python packages missing ({e}); click 'Install dependencies'"
+            self.ui.installButton.visible = True
+
+    def updateButtons(self, *args):
+        running = self.task is not None and self.task.running
+        hasInputs = self.ui.inputVolumeSelector.currentNode() is not None and len(self.ui.markupsSelector.checkedNodes()) > 0
+        self.ui.applyButton.enabled = hasInputs and not running
+        self.ui.downloadButton.enabled = not running
+        self.ui.cancelButton.enabled = running
+        self.ui.cancelDownloadButton.enabled = running
+        seg = self.ui.outputSegmentationSelector.currentNode()
+        self.ui.undoButton.enabled = bool(seg is not None and self.logic.canUndo(seg))
+
+    # actions -------------------------------------------------------------------------------------
+    def onInstall(self):
+        with slicer.util.tryWithErrorDisplay(_("Installing the Python packages failed."), waitCursor=True):
+            self.logic.setupPythonRequirements()
+            self._fillModels()
+            self.initializeParameterNode()
+            self._detectDevices()
+        self.updateStatus()
+
+    def _startTask(self, task, what):
+        self.task = task.start()
+        self.ui.progressBar.visible = True
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = what
+        self.timer.start()
+        self.updateButtons()
+
+    def onDownload(self):
+        with slicer.util.tryWithErrorDisplay(_("The model could not be prepared."), waitCursor=True):
+            self.logic.setupPythonRequirements()
+            from RobustMedSAMLogic.tasks import BackgroundTask
+
+            engine = self.logic.engineSession()
+            self._onDone = lambda result: self.ui.statusLabel.setText(engine.describe())
+            self._startTask(BackgroundTask(lambda t: engine.load(progress=lambda d, n=None: t.progress(d, n, "downloading"),
+                                                                 cancel=t.cancelled)), "preparing the model...")
+
+    def onApply(self):
+        with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
+            self.logic.setupPythonRequirements()
+            from RobustMedSAMLogic.tasks import BackgroundTask
+
+            volumeNode = self.ui.inputVolumeSelector.currentNode()
+            s = self.logic.settings()
+            objects = self.logic.promptsFromMarkups(self.ui.markupsSelector.checkedNodes(), volumeNode, s.axis)
+            engine = self.logic.engineSession()
+            images = engine.images(volumeNode, s.intensity)  # MRML read in the GUI thread
+            from RobustMedSAMLib.volume_segmentation import segment_volume
+
+            volume = self.logic.volumeFromNode(volumeNode)
+
+            def work(task):
+                engine.load(progress=lambda d, n=None: task.progress(0, None, "downloading the model"), cancel=task.cancelled)
+                return segment_volume(volume, objects, engine.predictor, axis=s.axis, images=images,
+                                      propagate_volume=s.propagate, iou_threshold=s.iouThreshold, projection=s.projection,
+                                      box_extension=s.boxExtension, progress=task.progress, cancel=task.cancelled)
+
+            def done(result):
+                seg = self.ui.outputSegmentationSelector.currentNode()
+                seg, ids, _ = self.logic.writeResult(volumeNode, result, seg)
+                self.ui.outputSegmentationSelector.setCurrentNode(seg)
+                self.showPlot(result)
+                self.ui.statusLabel.text = ", ".join(f"{o.name}: {int(o.mask.sum())} voxels" for o in result.objects)
+
+            self._onDone = done
+            self._startTask(BackgroundTask(work, "RobustMedSAM segmentation"), "segmenting...")
+
+    def onPoll(self):
+        if self.task is None:
+            self.timer.stop()
+            return
+        state = self.task.poll()
+        if not state.finished:
+            if state.total:
+                self.ui.progressBar.maximum = int(state.total)
+                self.ui.progressBar.value = int(state.done)
+            self.ui.statusLabel.text = state.message
+            return
+        self.timer.stop()
+        self.task = None
+        self.ui.progressBar.visible = False
+        if state.status == "done":
+            with slicer.util.tryWithErrorDisplay(_("Writing the result failed."), waitCursor=True):
+                self._onDone(state.result)
+        elif state.status == "cancelled":
+            self.ui.statusLabel.text = _("Cancelled; nothing was changed.")
+        else:
+            logging.error(state.details)
+            self.ui.statusLabel.text = state.message  # e.g. the weights how-to message when offline
+        self.updateStatus()
+        self.updateButtons()
+
+    def onCancelTask(self):
+        if self.task is not None:
+            self.task.cancel()
+
+    def onClearCache(self):
+        if self.logic.engine is not None:
+            self.logic.engine.clear_cache()
+        self.updateStatus()
+
+    def onUndo(self):
+        seg = self.ui.outputSegmentationSelector.currentNode()
+        if seg is not None:
+            self.logic.undo(seg)
+        self.updateButtons()
+
+    def showPlot(self, result):
+        self.tableNode = self.logic.iouTable(result, self.tableNode)
+        self.chartNode = self.logic.iouPlot(self.tableNode, self.chartNode)
+        self.ui.iouPlotWidget.setMRMLPlotViewNode(self._plotViewNode())
+        self._plotViewNode().SetPlotChartNodeID(self.chartNode.GetID())
+
+    def _plotViewNode(self):
+        node = slicer.mrmlScene.GetSingletonNode("RobustMedSAMPlotView", "vtkMRMLPlotViewNode")
+        if node is None:
+            node = slicer.vtkMRMLPlotViewNode()
+            node.SetSingletonTag("RobustMedSAMPlotView")
+            node = slicer.mrmlScene.AddNode(node)
+        return node
+
+
+#
+# Logic
+#
+
+def _bridge():
+    from RobustMedSAMLogic.logic import RobustMedSAMBridgeLogic
+
+    return RobustMedSAMBridgeLogic
+
+
+class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
+    """The module's logic. Can be used without GUI widget: ``segmentVolume``/``process`` (see
+    ``RobustMedSAMLogic/logic.py``) write one segment per object through Slicer's segment editor logic."""
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._bridge = None
+
+    @property
+    def bridge(self):
+        if self._bridge is None:
+            self._bridge = _bridge()(slicer.mrmlScene)
+        elif self._bridge.scene is not slicer.mrmlScene:
+            self._bridge.scene = slicer.mrmlScene
+        return self._bridge
+
+    @property
+    def engine(self):
+        return self.bridge.engine
+
+    def getParameterNode(self):
+        return self.bridge.getParameterNode()
+
+    def getTypedParameterNode(self):
+        """The parameterNodeWrapper view of the parameter node (Slicer >= 5.2), else None."""
+        return RobustMedSAMParameterNode(self.getParameterNode()) if RobustMedSAMParameterNode else None
+
+    def settings(self, node=None):
+        return self.bridge.settings(node)
+
+    def setSettings(self, settings, node=None):
+        self.bridge.setSettings(settings, node)
+
+    def engineSession(self):
+        return self.bridge.engineSession()
+
+    def volumeFromNode(self, volumeNode):
+        return self.bridge.volumeFromNode(volumeNode)
+
+    def promptsFromMarkups(self, markupsNodes, volumeNode, axis="k"):
+        return self.bridge.promptsFromMarkups(list(markupsNodes), volumeNode, axis)
+
+    def segmentVolume(self, volumeNode, objects, segmentationNode=None, **kwargs):
+        """See ``RobustMedSAMLogic.logic.RobustMedSAMBridgeLogic.segmentVolume``. Can be used without GUI widget."""
+        self.setupPythonRequirements()
+        return self.bridge.segmentVolume(volumeNode, objects, segmentationNode, **kwargs)
+
+    process = segmentVolume
+
+    def writeResult(self, volumeNode, result, segmentationNode=None):
+        """Write an engine ``VolumeResult`` computed in a background thread (GUI thread, one undo step)."""
+        b = self.bridge
+        if segmentationNode is None:
+            segmentationNode = b.createSegmentationNode(volumeNode)
+        writer = b.writer(segmentationNode, volumeNode)
+        writer.begin()
+        ids = {}
+        for obj in result.objects:
+            sid = writer.ensure_segment(obj.name, obj.color)
+            writer.set_segment(sid, obj.mask, undo=False)
+            ids[obj.name] = sid
+        b.last_result = result
+        return segmentationNode, ids, result
+
+    def canUndo(self, segmentationNode):
+        return self.bridge.canUndo(segmentationNode)
+
+    def undo(self, segmentationNode):
+        return self.bridge.undo(segmentationNode)
+
+    def iouTable(self, result, tableNode=None):
+        return self.bridge.iouTable(result, tableNode)
+
+    def iouPlot(self, tableNode, chartNode=None):
+        return self.bridge.iouPlot(tableNode, chartNode)
+
+    def missingDependencies(self):
+        from RobustMedSAMLogic.dependencies import plan_installation, read_requirements
+
+        torchNeeded, others = plan_installation(read_requirements(os.path.join(HERE, "Resources", "requirements.txt")))
+        return (["torch"] if torchNeeded else []) + others
+
+    def setupPythonRequirements(self):
+        """Install missing packages after one confirmation (PyTorch via the PyTorch extension)."""
+        from RobustMedSAMLogic.dependencies import ensure_dependencies
+
+        ensure_dependencies(os.path.join(HERE, "Resources", "requirements.txt"))
+
+
+#
+# Test
+#
+
+class RobustMedSAMTest(ScriptedLoadableModuleTest):
+    """Self-test in a real Slicer (Developer mode: 'Reload and Test'; or ctest ``py_RobustMedSAM``).
+
+    Exercises both Segment Editor effects through the editor widget on the sample chest CT with the seeded
+    tiny model (no download): prompt effect (box + points -> preview -> Apply -> Undo), propagate effect
+    (Propagate -> preview -> Apply, cancel leaves the segment unchanged), and the module logic.
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_module_logic()
+        self.setUp()
+        self.test_effects()
+
+    def _tinyEngine(self):
+        from RobustMedSAMLib.models import seeded_model
+        from RobustMedSAMLogic import engine
+
+        engine._SHARED = engine.EngineSession(loaded=seeded_model("tiny"))
+        return engine._SHARED
+
+    def _loadChest(self):
+        from RobustMedSAMLib.samples import sample_path
+
+        return slicer.util.loadVolume(str(sample_path("chest-ct")))
+
+    def test_module_logic(self):
+        self.delayDisplay("RobustMedSAM logic")
+        from RobustMedSAMLib.prompt_files import ObjectPrompts
+        from RobustMedSAMLib.prompts import Prompt
+
+        engine = self._tinyEngine()
+        volumeNode = self._loadChest()
+        logic = RobustMedSAMLogic()
+        objects = [ObjectPrompts("right lung", None, {20: Prompt(box=[56, 38, 105, 97])}),
+                   ObjectPrompts("left lung", None, {19: Prompt(box=[20, 33, 67, 97])})]
+        seg, ids, result = logic.bridge.segmentVolume(volumeNode, objects, sliceRange=(18, 22), engine=engine)
+        self.assertEqual(list(ids), [o.name for o in objects])
+        self.assertTrue(logic.undo(seg))
+        self.delayDisplay("logic ok")
+
+    def test_effects(self):
+        import numpy as np
+
+        from RobustMedSAMLogic import segments, volumes
+
+        self._tinyEngine()
+        volumeNode = self._loadChest()
+        segNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        segNode.CreateDefaultDisplayNodes()
+        segNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        segmentID = segNode.GetSegmentation().AddEmptySegment("lung")
+        widget = slicer.qMRMLSegmentEditorWidget()
+        widget.setMRMLScene(slicer.mrmlScene)
+        editorNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+        widget.setMRMLSegmentEditorNode(editorNode)
+        widget.setSegmentationNode(segNode)
+        widget.setSourceVolumeNode(volumeNode) if hasattr(widget, "setSourceVolumeNode") else widget.setMasterVolumeNode(volumeNode)
+        widget.setCurrentSegmentID(segmentID)
+
+        self.delayDisplay("RobustMedSAM effect")
+        widget.setActiveEffectByName("RobustMedSAM")
+        effect = widget.activeEffect()
+        self.assertIsNotNone(effect, "the RobustMedSAM effect is not registered")
+        e = effect.self()
+        e._resetSession()
+        from RobustMedSAMLogic.interaction import SlicePosition
+
+        shape = volumes.shape_of(volumeNode)
+        corner = lambda x, y: SlicePosition(0, 20, (x, y), (x, y, 20.0))  # noqa: E731
+        e.session.set_box(corner(56, 38), corner(104, 96), (shape[1], shape[2]))
+        self.assertEqual(e.session.state, "preview")
+        before = segments.snapshot(segNode, volumeNode)
+        e.onCancel()
+        self.assertTrue(segments.same_snapshot(before, segments.snapshot(segNode, volumeNode)))
+        e.session.set_box(corner(56, 38), corner(104, 96), (shape[1], shape[2]))
+        e.session.add_point(corner(80, 60), (shape[1], shape[2]))
+        expected = e.session.mask.copy()
+        e.onApply()
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segNode, segmentID, volumeNode) != 0
+        self.assertTrue(np.array_equal(mask[20], expected))
+        widget.undo()
+        self.assertFalse((slicer.util.arrayFromSegmentBinaryLabelmap(segNode, segmentID, volumeNode) != 0).any())
+        widget.redo()
+
+        self.delayDisplay("RobustMedSAM Propagate effect")
+        widget.setActiveEffectByName("RobustMedSAM Propagate")
+        effect = widget.activeEffect()
+        self.assertIsNotNone(effect, "the RobustMedSAM Propagate effect is not registered")
+        p = effect.self()
+        p.thresholdSlider.value = 0.0
+        p.rangeCheck.checked = True
+        p.firstSpin.value, p.lastSpin.value = 17, 23
+        before = segments.snapshot(segNode, volumeNode)
+        p.onPropagate()
+        p.onCancel()  # cancel immediately: nothing may change
+        while p.task is not None:
+            slicer.app.processEvents()
+            p._poll()
+        self.assertTrue(segments.same_snapshot(before, segments.snapshot(segNode, volumeNode)))
+        p.onPropagate()
+        while p.task is not None:
+            slicer.app.processEvents()
+            p._poll()
+        self.assertIsNotNone(p.session.result)
+        p.onApply()
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segNode, segmentID, volumeNode) != 0
+        self.assertTrue(mask[17:24].any() and not mask[:17].any() and not mask[24:].any())
+        widget.undo()
+        self.assertTrue(segments.same_snapshot(before, segments.snapshot(segNode, volumeNode)))
+        widget.setActiveEffectByName("")
+        self.delayDisplay("effects ok")

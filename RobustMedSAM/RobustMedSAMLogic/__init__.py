@@ -1,0 +1,24 @@
+"""GUI-free bridge between 3D Slicer's MRML scene and the RobustMedSAM engine (``RobustMedSAMLib``).
+
+Everything here imports only ``slicer`` (MRML/segmentation classes, no Qt), ``vtk``, numpy and the engine,
+so it runs in the Slicer application, in ``Slicer --no-main-window`` batch mode and on the ``slicer-core``
+wheel (headless tests). torch is imported only when a model is loaded.
+
+Modules:
+
+* :mod:`.volumes` -- scalar volume node <-> engine :class:`~RobustMedSAMLib.volume_io.Volume` (exact
+  IJK/RAS geometry), masks <-> ``vtkOrientedImageData``, reading a segment on a volume's voxel grid.
+* :mod:`.segments` -- writing masks into segments the way the Segment Editor does (masking, overwrite,
+  undo), and the preview segmentation.
+* :mod:`.markups` -- point list / ROI markups nodes -> engine prompts.
+* :mod:`.engine` -- model, predictor and per-volume uint8 images, shared by the module and the effects.
+* :mod:`.tasks` -- background work with progress and cancel, polled from the GUI thread.
+* :mod:`.interaction` -- slice-view clicks/drags -> 2D prompts, prompt editing, preview/apply/cancel.
+* :mod:`.propagation` -- the propagate effect's session (seeds from a segment, repropagation, apply).
+* :mod:`.logic` -- :class:`~.logic.RobustMedSAMBridgeLogic`: parameters, ``segmentVolume``/``process``, IoU
+  table and plot; the batch script and the module's Logic use it.
+* :mod:`.headless` -- the MRML scene set-up that makes segments work without the Slicer application.
+* :mod:`.dependencies` -- which Python requirements are missing, and installing them inside Slicer.
+"""
+__all__ = ["volumes", "segments", "markups", "engine", "tasks", "interaction", "propagation", "logic",
+           "headless", "dependencies"]

@@ -1,0 +1,272 @@
+"""The module's logic without GUI: parameters, volume segmentation into segments, IoU table and plot.
+
+:class:`RobustMedSAMBridgeLogic` is what the module's ``RobustMedSAMLogic`` (a
+``ScriptedLoadableModuleLogic``), both effects and the batch script ``Scripts/segment_volume.py`` call.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from . import segments, volumes
+from .engine import EngineSession, ModelChoice, shared_session
+
+PARAMETER_TAG = "RobustMedSAM"
+
+
+@dataclass
+class Settings:
+    """Module settings, stored as strings on a ``vtkMRMLScriptedModuleNode`` (singleton tag "RobustMedSAM")."""
+
+    model: str = "robustmedsam"
+    checkpoint: str = ""
+    device: str = "auto"
+    cacheMB: float = 1024.0
+    fp16Cache: bool = False
+    intensity: str = "auto"
+    axis: str = "k"
+    iouThreshold: float = 0.5
+    projection: str = "mask"
+    boxExtension: float = 0.025
+    propagate: bool = True
+    multimask: str = "auto"
+    allowDownload: bool = True
+
+    def model_choice(self) -> ModelChoice:
+        return ModelChoice(self.model, self.checkpoint, self.device, None, float(self.cacheMB), bool(self.fp16Cache))
+
+
+def _parse(kind, text: str):
+    if kind is bool or kind == "bool":
+        return text.strip().lower() in ("1", "true", "yes", "on")
+    if kind is float or kind == "float":
+        return float(text)
+    if kind is int or kind == "int":
+        return int(text)
+    return text
+
+
+class RobustMedSAMBridgeLogic:
+    """GUI-free logic. ``scene``: the MRML scene (default ``slicer.mrmlScene``); ``engine``: a shared
+    :class:`~.engine.EngineSession` (created from the settings if omitted)."""
+
+    def __init__(self, scene=None, engine: Optional[EngineSession] = None) -> None:
+        import slicer
+
+        self.scene = scene if scene is not None else slicer.mrmlScene
+        self.engine = engine
+        self.last_result = None
+        self._writers: Dict[str, segments.SegmentWriter] = {}
+
+    # parameters -----------------------------------------------------------------------------------
+    def getParameterNode(self):
+        """The singleton ``vtkMRMLScriptedModuleNode`` holding :class:`Settings` (created with defaults)."""
+        import slicer
+
+        node = self.scene.GetSingletonNode(PARAMETER_TAG, "vtkMRMLScriptedModuleNode")
+        if node is None:
+            node = slicer.vtkMRMLScriptedModuleNode()
+            node.SetSingletonTag(PARAMETER_TAG)
+            node.SetName(PARAMETER_TAG)
+            node.SetAttribute("ModuleName", PARAMETER_TAG)
+            node = self.scene.AddNode(node)
+        defaults = Settings()
+        for f in fields(Settings):
+            if not node.GetParameter(f.name):
+                node.SetParameter(f.name, str(getattr(defaults, f.name)))
+        return node
+
+    def settings(self, node=None) -> Settings:
+        node = node or self.getParameterNode()
+        values = {}
+        for f in fields(Settings):
+            text = node.GetParameter(f.name)
+            if text:
+                values[f.name] = _parse(f.type if not isinstance(f.type, str) else f.type, text)
+        return Settings(**values)
+
+    def setSettings(self, settings: Settings, node=None) -> None:
+        node = node or self.getParameterNode()
+        wasModifying = node.StartModify()
+        try:
+            for f in fields(Settings):
+                node.SetParameter(f.name, str(getattr(settings, f.name)))
+        finally:
+            node.EndModify(wasModifying)
+
+    def engineSession(self) -> EngineSession:
+        """The engine session configured from the current settings."""
+        choice = self.settings().model_choice()
+        if self.engine is None:
+            self.engine = shared_session(choice)
+        else:
+            self.engine.configure(choice)
+        return self.engine
+
+    # nodes ---------------------------------------------------------------------------------------
+    def volumeFromNode(self, volumeNode):
+        """Engine ``Volume`` (array ``(K, J, I)``, ``ijk_to_lps``) of a scalar volume node."""
+        return volumes.volume_from_node(volumeNode)
+
+    def promptsFromMarkups(self, markupsNodes: Sequence, volumeNode, axis="k"):
+        from .markups import prompts_from_markups_nodes
+
+        return prompts_from_markups_nodes(markupsNodes, volumeNode, axis)
+
+    def createSegmentationNode(self, volumeNode, name: Optional[str] = None):
+        """A new segmentation node whose geometry is the volume's (with display nodes)."""
+        node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                            name or f"{volumeNode.GetName()} RobustMedSAM")
+        node.CreateDefaultDisplayNodes()
+        node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        node.GetSegmentation().SetSourceRepresentationName(segments.BINARY_LABELMAP)
+        if volumeNode.GetParentTransformNode() is not None:
+            node.SetAndObserveTransformNodeID(volumeNode.GetParentTransformNode().GetID())
+        return node
+
+    def writer(self, segmentationNode, volumeNode, access=None) -> segments.SegmentWriter:
+        """A :class:`~.segments.SegmentWriter` (Slicer's editor logic, or the 5.8 fallback) for these nodes;
+        kept per segmentation so :meth:`undo` can revert the last write."""
+        if access is None:
+            access = segments.editor_access(self.scene, segmentationNode, volumeNode)
+        w = segments.SegmentWriter(access, segmentationNode, volumeNode)
+        self._writers[segmentationNode.GetID()] = w
+        return w
+
+    def canUndo(self, segmentationNode) -> bool:
+        w = self._writers.get(segmentationNode.GetID())
+        return bool(w and w.can_undo())
+
+    def undo(self, segmentationNode) -> bool:
+        """Revert the last write of :meth:`segmentVolume` into ``segmentationNode``."""
+        w = self._writers.get(segmentationNode.GetID())
+        return bool(w and w.undo())
+
+    # processing ----------------------------------------------------------------------------------
+    def segmentVolume(self, volumeNode, objects, segmentationNode=None, *, axis="k", propagate: bool = True,
+                      iouThreshold: float = 0.5, projection: str = "mask", boxExtension: float = 0.025,
+                      sliceRange: Optional[Tuple[int, int]] = None, intensity="auto", engine=None,
+                      progress: Optional[Callable[[int, int, str], None]] = None,
+                      cancel: Optional[Callable[[], bool]] = None, access=None, replaceSegments: bool = True):
+        """Segment objects in a volume and write one segment per object. Can be used without GUI widget.
+
+        Arguments:
+            volumeNode: the source ``vtkMRMLScalarVolumeNode``.
+            objects: engine ``ObjectPrompts`` (from :meth:`promptsFromMarkups` or
+                ``RobustMedSAMLib.prompt_files.read_prompts``) on slices along ``axis``.
+            segmentationNode: where to write (a new node with the volume's geometry if None).
+            axis: 0/1/2, k/j/i or axial/coronal/sagittal; propagate, iouThreshold, projection, boxExtension,
+                sliceRange: as in the engine's ``segment_volume``; intensity: see ``engine.INTENSITY_CHOICES``.
+            progress: ``progress(done, total, message)``; cancel: ``() -> bool``.
+            access: how to write (default: Slicer's segment editor logic with the Segment Editor's masking
+                settings, or the 5.8 fallback); all objects are written in one undo step.
+            replaceSegments: an object whose name matches an existing segment replaces its content; False
+                always adds new segments.
+
+        Returns ``(segmentationNode, {object name: segment ID}, VolumeResult)``. Nothing is written if the
+        engine fails or is cancelled.
+        """
+        from RobustMedSAMLib.volume_segmentation import segment_volume
+
+        engine = engine or self.engineSession()
+        volume = volumes.volume_from_node(volumeNode)
+        ax = volume.resolve_axis(axis)
+        images = engine.images(volumeNode, intensity)
+        result = segment_volume(volume, list(objects), engine.predictor, axis=ax, images=images,
+                                propagate_volume=propagate, iou_threshold=iouThreshold, projection=projection,
+                                box_extension=boxExtension, slice_range=sliceRange, progress=progress,
+                                cancel=cancel)
+        if segmentationNode is None:
+            segmentationNode = self.createSegmentationNode(volumeNode)
+        writer = self.writer(segmentationNode, volumeNode, access)
+        ids: Dict[str, str] = {}
+        writer.begin()
+        for obj in result.objects:
+            sid = writer.ensure_segment(obj.name, obj.color, replace=replaceSegments)
+            writer.set_segment(sid, obj.mask, undo=False)
+            ids[obj.name] = sid
+        self.last_result = result
+        return segmentationNode, ids, result
+
+    process = segmentVolume
+
+    # reports -------------------------------------------------------------------------------------
+    def iouTable(self, result, tableNode=None, name: str = "RobustMedSAM IoU"):
+        """A ``vtkMRMLTableNode`` with per-slice predicted IoU (and inter-slice IoU) per object.
+
+        ``result``: an engine ``VolumeResult`` or a ``PropagationResult`` (or ``{name: PropagationResult}``).
+        Columns: ``slice``, then ``<object> predicted IoU`` and ``<object> slice-to-slice IoU``; slices an
+        object did not reach are NaN.
+        """
+        import vtk
+
+        runs = self._runs(result)
+        indices = sorted({row["index"] for rows in runs.values() for row in rows})
+        if tableNode is None:
+            tableNode = self.scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+        table = tableNode.GetTable()
+        table.Initialize()
+        col = vtk.vtkIntArray()
+        col.SetName("slice")
+        for i in indices:
+            col.InsertNextValue(int(i))
+        table.AddColumn(col)
+        for obj, rows in runs.items():
+            by_index = {r["index"]: r for r in rows}
+            for key, label in (("predicted_iou", "predicted IoU"), ("interslice_iou", "slice-to-slice IoU")):
+                arr = vtk.vtkDoubleArray()
+                arr.SetName(f"{obj} {label}")
+                for i in indices:
+                    v = by_index.get(i, {}).get(key)
+                    arr.InsertNextValue(float("nan") if v is None else float(v))
+                table.AddColumn(arr)
+        tableNode.Modified()
+        return tableNode
+
+    def iouPlot(self, tableNode, chartNode=None, name: str = "RobustMedSAM IoU"):
+        """A ``vtkMRMLPlotChartNode`` plotting each ``* predicted IoU`` column of :meth:`iouTable` per slice."""
+        if chartNode is None:
+            chartNode = self.scene.AddNewNodeByClass("vtkMRMLPlotChartNode", name)
+        chartNode.RemoveAllPlotSeriesNodeIDs()
+        table = tableNode.GetTable()
+        for n in range(1, table.GetNumberOfColumns()):
+            column = table.GetColumnName(n)
+            if not column.endswith("predicted IoU"):
+                continue
+            series = self.scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", column)
+            series.SetAndObserveTableNodeID(tableNode.GetID())
+            series.SetXColumnName("slice")
+            series.SetYColumnName(column)
+            series.SetPlotType(series.PlotTypeScatter)
+            series.SetMarkerStyle(series.MarkerStyleCircle)
+            chartNode.AddAndObservePlotSeriesNodeID(series.GetID())
+        chartNode.SetTitle("Predicted IoU per slice")
+        chartNode.SetXAxisTitle("slice")
+        chartNode.SetYAxisTitle("predicted IoU")
+        chartNode.SetYAxisRangeAuto(False)
+        chartNode.SetYAxisRange(0.0, 1.05)
+        return chartNode
+
+    @staticmethod
+    def _runs(result) -> Dict[str, List[dict]]:
+        if isinstance(result, dict):
+            return {name: r.report() for name, r in result.items()}
+        if hasattr(result, "objects"):
+            out = {}
+            for obj in result.objects:
+                rows = obj.propagation.report() if obj.propagation is not None else []
+                for index, pred in obj.seeds.items():  # a seed's predicted IoU is the prompt's own
+                    for row in rows:
+                        if row["index"] == index and row["predicted_iou"] is None:
+                            row["predicted_iou"] = float(pred.score)
+                    if not rows:
+                        rows.append({"index": int(index), "predicted_iou": float(pred.score), "interslice_iou": None})
+                out[obj.name] = rows
+            return out
+        return {"segment": result.report()}
+
+    @staticmethod
+    def reportJson(result) -> str:
+        """JSON text of an engine ``VolumeResult.report()``."""
+        return json.dumps({"objects": result.report()}, indent=1)

@@ -1,0 +1,476 @@
+"""Segment Editor effect "RobustMedSAM": prompt-based 2D segmentation on the slice under the mouse.
+
+Thin Qt/VTK glue: every decision is made by the GUI-free classes of ``RobustMedSAMLogic.interaction``
+(view XY -> voxel slice prompt, drag -> box, prompt list, preview/apply/cancel) and the edits go through
+``scriptedEffect.saveStateForUndo()`` / ``modifySegmentByLabelmap`` (``RobustMedSAMLogic.segments``), so
+they are undoable with the Segment Editor's Undo and respect its masking settings.
+
+Mouse: left click = positive point, Ctrl+left click or right click = negative point, left drag = box,
+Shift+click = remove the nearest point. Keys: Enter = Apply, Escape = Cancel, Backspace = undo last prompt,
+N = next candidate mask.
+"""
+import logging
+import os
+
+import numpy as np
+import qt
+import vtk
+
+import slicer
+from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
+
+
+class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
+    """Prompt-based 2D segmentation with RobustMedSAM (SAM ViT-B family)."""
+
+    def __init__(self, scriptedEffect):
+        scriptedEffect.name = "RobustMedSAM"
+        scriptedEffect.title = "RobustMedSAM"
+        scriptedEffect.perSegment = False  # edits go through modifySegmentByLabelmap with our own undo step
+        scriptedEffect.requireSegments = True
+        AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
+        self.session = None
+        self.preview = None
+        self.writer = None
+        self.drags = {}        # view widget -> DragTracker
+        self.actors = {}       # view widget -> (rubber band actor, points, prompt glyph actors)
+        self.loadTask = None
+        self.timer = None
+
+    def clone(self):
+        import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+        clonedEffect = effects.qSlicerSegmentEditorScriptedEffect(None)
+        clonedEffect.setPythonSource(__file__.replace("\\", "/"))
+        return clonedEffect
+
+    def icon(self):
+        iconPath = os.path.join(os.path.dirname(__file__), "SegmentEditorEffect.png")
+        return qt.QIcon(iconPath) if os.path.exists(iconPath) else qt.QIcon()
+
+    def helpText(self):
+        return ("<html>Segment the selected segment on a slice from prompts (RobustMedSAM: robust to noise, blur "
+                "and motion).<p><b>Left click</b>: object point. <b>Ctrl+click</b> or <b>right click</b>: background "
+                "point. <b>Left drag</b>: box. <b>Shift+click</b>: remove a point. The preview updates after each "
+                "prompt; <b>Apply</b> (Enter) replaces the segment on that slice (undoable), <b>Cancel</b> (Esc) "
+                "drops it.<p>Works in any slice view: the volume's voxel axis closest to the view is segmented; "
+                "views tilted more than 20 degrees from it are refused. Then use <b>RobustMedSAM Propagate</b> to "
+                "extend the segment through the volume.</html>")
+
+    # options -----------------------------------------------------------------------------------------
+    def setupOptionsFrame(self):
+        self.multimaskCombo = qt.QComboBox()
+        self.multimaskCombo.addItems(["auto", "always", "never"])
+        self.multimaskCombo.toolTip = ("Three candidate masks: 'auto' for a single object point (ambiguous), "
+                                       "'always' or 'never'. 'Next mask' cycles through the candidates.")
+        self.scriptedEffect.addLabeledOptionsWidget("Multiple masks:", self.multimaskCombo)
+        self.multimaskCombo.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
+
+        buttons = qt.QHBoxLayout()
+        self.undoPromptButton = qt.QPushButton("Undo prompt")
+        self.nextMaskButton = qt.QPushButton("Next mask")
+        self.clearButton = qt.QPushButton("Clear prompts")
+        for b in (self.undoPromptButton, self.nextMaskButton, self.clearButton):
+            buttons.addWidget(b)
+        self.scriptedEffect.addOptionsWidget(buttons)
+        applyRow = qt.QHBoxLayout()
+        self.applyButton = qt.QPushButton("Apply")
+        self.applyButton.objectName = self.__class__.__name__ + "Apply"
+        self.cancelButton = qt.QPushButton("Cancel")
+        applyRow.addWidget(self.cancelButton)
+        applyRow.addWidget(self.applyButton)
+        self.scriptedEffect.addOptionsWidget(applyRow)
+        self.loadModelButton = qt.QPushButton("Download / load model")
+        self.loadModelButton.toolTip = "Load the model chosen in the RobustMedSAM module (downloads its weights once)"
+        self.scriptedEffect.addOptionsWidget(self.loadModelButton)
+        self.statusLabel = qt.QLabel("")
+        self.statusLabel.wordWrap = True
+        self.scriptedEffect.addOptionsWidget(self.statusLabel)
+        self.loadModelButton.connect("clicked()", lambda: self._startModelLoad(userRequested=True))
+
+        self.undoPromptButton.connect("clicked()", lambda: self._run(lambda s: s.undo_last()))
+        self.nextMaskButton.connect("clicked()", lambda: self._run(lambda s: s.next_candidate()))
+        self.clearButton.connect("clicked()", lambda: self._run(lambda s: s.clear()))
+        self.applyButton.connect("clicked()", self.onApply)
+        self.cancelButton.connect("clicked()", self.onCancel)
+
+    def setMRMLDefaults(self):
+        self.scriptedEffect.setParameterDefault("Multimask", "auto")
+
+    def updateGUIFromMRML(self):
+        value = self.scriptedEffect.parameter("Multimask") or "auto"
+        wasBlocked = self.multimaskCombo.blockSignals(True)
+        self.multimaskCombo.currentText = value
+        self.multimaskCombo.blockSignals(wasBlocked)
+        self._updateButtons()
+
+    def updateMRMLFromGUI(self):
+        self.scriptedEffect.setParameter("Multimask", self.multimaskCombo.currentText)
+        if self.session is not None:
+            self.session.multimask = self.multimaskCombo.currentText
+            self._run(lambda s: s.update())
+
+    # lifecycle ---------------------------------------------------------------------------------------
+    def activate(self):
+        self._resetSession()
+        self._startModelLoad()
+        for viewWidget in self._sliceWidgets():
+            self._prefetchView(viewWidget)
+
+    def deactivate(self):
+        if self.session is not None:
+            self.session.cancel()
+        self._removePreview()
+        for viewWidget in list(self.actors):
+            self._removeActors(viewWidget)
+        self.drags = {}
+
+    def cleanup(self):
+        self.deactivate()
+        if self.timer is not None:
+            self.timer.stop()
+
+    def sourceVolumeNodeChanged(self):
+        self._resetSession()
+
+    def referenceGeometryChanged(self):
+        self._resetSession()
+
+    # engine ------------------------------------------------------------------------------------------
+    def _engine(self):
+        from RobustMedSAMLogic.logic import RobustMedSAMBridgeLogic
+
+        return RobustMedSAMBridgeLogic(slicer.mrmlScene).engineSession()
+
+    def _startModelLoad(self, userRequested=False):
+        """Load the model in the background (no popup). Weights are downloaded only when the user asks
+        (this button or the module's), with progress; on activation only cached weights are loaded."""
+        try:
+            from RobustMedSAMLogic.engine import CUSTOM_CHECKPOINT, weights_status
+            from RobustMedSAMLogic.tasks import BackgroundTask
+            engine = self._engine()
+        except ImportError as e:
+            self._status(f"RobustMedSAM needs its Python packages: open the RobustMedSAM module and click "
+                         f"'Install dependencies' ({e}).")
+            return
+        if engine.is_loaded or (self.loadTask is not None and self.loadTask.running):
+            return
+        choice = engine.choice
+        if not userRequested and choice.model != CUSTOM_CHECKPOINT and not choice.checkpoint:
+            cached, _, text = weights_status(choice.model)
+            if not cached:
+                self._status(f"Model weights {text}. Click 'Download / load model'.")
+                return
+        self.loadTask = BackgroundTask(lambda t: engine.load(progress=lambda d, n=None: t.progress(d, n, "downloading"),
+                                                             cancel=t.cancelled), "RobustMedSAM model").start()
+        self._status("loading the model...")
+        self._startTimer()
+
+    def _startTimer(self):
+        if self.timer is None:
+            self.timer = qt.QTimer()
+            self.timer.setInterval(200)
+            self.timer.connect("timeout()", self._poll)
+        self.timer.start()
+
+    def _poll(self):
+        if self.loadTask is None:
+            self.timer.stop()
+            return
+        state = self.loadTask.poll()
+        if not state.finished:
+            frac = state.fraction
+            self._status(f"{state.message}: {frac * 100:.0f}%" if frac is not None else "loading the model...")
+            return
+        self.timer.stop()
+        self.loadTask = None
+        if state.status == "done":
+            self._status(self._engine().describe())
+            for viewWidget in self._sliceWidgets():
+                self._prefetchView(viewWidget)
+        else:
+            self._status(f"The model could not be loaded: {state.message}")
+
+    # session ------------------------------------------------------------------------------------------
+    def _resetSession(self):
+        from RobustMedSAMLogic import segments, volumes
+        from RobustMedSAMLogic.interaction import PromptSession
+
+        if self.session is not None:
+            self.session.cancel()
+        self._removePreview()
+        self.session = None
+        psn = self.scriptedEffect.parameterSetNode()
+        if psn is None or psn.GetSegmentationNode() is None or psn.GetSourceVolumeNode() is None:
+            return
+        segNode, volumeNode = psn.GetSegmentationNode(), psn.GetSourceVolumeNode()
+        self.writer = segments.SegmentWriter(segments.EffectAccess(self.scriptedEffect, segNode), segNode, volumeNode)
+        self.preview = segments.PreviewSegmentation(slicer.mrmlScene, volumeNode, segNode)
+        shape = volumes.shape_of(volumeNode)
+
+        def predict(axis, index, prompt, multimask):
+            if not self._engine().is_loaded:
+                raise RuntimeError("the model is not loaded yet: click 'Download / load model' and wait for it")
+            with slicer.util.WaitCursor():
+                return self._engine().segmenter(volumeNode, axis, self._intensity()).predict_slice(index, prompt, multimask)
+
+        def show(axis, index, mask):
+            if mask is None:
+                self.preview.remove()
+            else:
+                seg = segNode.GetSegmentation().GetSegment(psn.GetSelectedSegmentID() or "")
+                self.preview.show_slice(shape, axis, index, mask, seg.GetColor() if seg else None)
+            self._updateButtons()
+
+        def write(axis, index, mask):
+            segmentID = psn.GetSelectedSegmentID()
+            if not segmentID:
+                raise ValueError("select a segment first")
+            self.writer.replace_slice(segmentID, axis, index, mask)
+
+        def prefetch(axis, index):
+            engine = self._engine()
+            if engine.is_loaded:
+                engine.segmenter(volumeNode, axis, self._intensity()).prefetch(index)
+
+        self.session = PromptSession(predict, show, write, prefetch, self.scriptedEffect.parameter("Multimask") or "auto")
+
+    def _intensity(self):
+        from RobustMedSAMLogic.logic import RobustMedSAMBridgeLogic
+
+        return RobustMedSAMBridgeLogic(slicer.mrmlScene).settings().intensity
+
+    def _run(self, action):
+        if self.session is None:
+            return
+        try:
+            action(self.session)
+        except Exception as e:
+            logging.exception("RobustMedSAM")
+            self._status(str(e))
+        self._updateButtons()
+        self._updatePromptActors()
+
+    def onApply(self):
+        if self.session is None:
+            return
+        try:
+            self.session.apply()
+        except Exception as e:
+            logging.exception("RobustMedSAM apply")
+            self._status(f"Apply failed: {e}")
+        self._updateButtons()
+        self._updatePromptActors()
+
+    def onCancel(self):
+        self._run(lambda s: s.cancel())
+
+    def _updateButtons(self):
+        s = self.session
+        if not hasattr(self, "applyButton"):
+            return
+        self.applyButton.enabled = bool(s and s.can_apply)
+        self.cancelButton.enabled = bool(s and s.prompts is not None and not s.prompts.empty)
+        self.nextMaskButton.enabled = bool(s and s.candidates > 1)
+        self.undoPromptButton.enabled = bool(s and s.prompts is not None and not s.prompts.empty)
+        if s is not None and s.state == "error":
+            self._status(s.message)
+        elif s is not None and s.score is not None:
+            self._status(f"Preview on slice {s.prompts.index} ({'kji'[s.prompts.axis]}): predicted IoU {s.score:.2f}"
+                         + (f", mask {s.selected + 1} of {s.candidates}" if s.candidates > 1 else ""))
+
+    def _status(self, text):
+        if hasattr(self, "statusLabel"):
+            self.statusLabel.text = text
+
+    # views --------------------------------------------------------------------------------------------
+    def _sliceWidgets(self):
+        lm = slicer.app.layoutManager()
+        if lm is None:
+            return []
+        return [lm.sliceWidget(name) for name in lm.sliceViewNames() if lm.sliceWidget(name).isVisible()]
+
+    def _mapper(self, viewWidget):
+        from RobustMedSAMLogic import volumes
+        from RobustMedSAMLogic.interaction import SliceViewMapper
+
+        psn = self.scriptedEffect.parameterSetNode()
+        volumeNode = psn.GetSourceVolumeNode() if psn else None
+        if volumeNode is None or volumeNode.GetImageData() is None:
+            return None
+        sliceNode = viewWidget.sliceLogic().GetSliceNode()
+        xyToRas = volumes.to_numpy(sliceNode.GetXYToRAS())
+        normal = volumes.to_numpy(sliceNode.GetSliceToRAS())[:3, 2]
+        ijkToWorld = volumes.local_to_world(volumeNode) @ volumes.ijk_to_ras(volumeNode)
+        return SliceViewMapper(lambda xy: (xyToRas @ [xy[0], xy[1], 0.0, 1.0])[:3], ijkToWorld,
+                               volumes.shape_of(volumeNode), normal)
+
+    def _prefetchView(self, viewWidget):
+        if self.session is None:
+            return
+        try:
+            mapper = self._mapper(viewWidget)
+            if mapper is None:
+                return
+            sliceNode = viewWidget.sliceLogic().GetSliceNode()
+            sliceToRas = sliceNode.GetSliceToRAS()
+            centre = [sliceToRas.GetElement(r, 3) for r in range(3)]
+            pos = mapper.ras_to_position(centre, clamp=True)
+            self.session.view_moved(pos.axis, pos.index)
+        except Exception as e:  # an oblique view or a view outside the volume: nothing to encode
+            logging.debug(f"RobustMedSAM prefetch skipped: {e}")
+
+    def processViewNodeEvents(self, callerViewNode, eventId, viewWidget):
+        if callerViewNode and callerViewNode.IsA("vtkMRMLSliceNode"):
+            self._prefetchView(viewWidget)
+            self._updatePromptActors()
+
+    def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
+        from RobustMedSAMLogic.interaction import DragTracker
+
+        if viewWidget.className() != "qMRMLSliceWidget" or self.session is None:
+            return False
+        xy = callerInteractor.GetEventPosition()
+        drag = self.drags.setdefault(viewWidget, DragTracker())
+        if eventId == vtk.vtkCommand.KeyPressEvent:
+            key = callerInteractor.GetKeySym()
+            actions = {"Return": self.onApply, "KP_Enter": self.onApply, "Escape": self.onCancel,
+                       "BackSpace": lambda: self._run(lambda s: s.undo_last()),
+                       "n": lambda: self._run(lambda s: s.next_candidate())}
+            if key in actions:
+                actions[key]()
+                return True
+            return False
+        if eventId == vtk.vtkCommand.LeftButtonPressEvent:
+            drag.press(xy, modifier=callerInteractor.GetControlKey())
+            self._shift = callerInteractor.GetShiftKey()
+            return True
+        if eventId == vtk.vtkCommand.MouseMoveEvent and drag.active:
+            if drag.move(xy):
+                self._showRubberBand(viewWidget, drag.rectangle)
+            return True
+        if eventId == vtk.vtkCommand.RightButtonPressEvent:
+            return self._prompt(viewWidget, lambda m: self.session.add_point(m.xy_to_position(xy), m.slice_shape, False))
+        if eventId == vtk.vtkCommand.LeftButtonReleaseEvent and drag.active:
+            negative = drag.modifier
+            kind, start, end = drag.release(xy)
+            self._showRubberBand(viewWidget, None)
+            if kind == "drag":
+                return self._prompt(viewWidget, lambda m: self.session.set_box(
+                    m.xy_to_position(start, clamp=True), m.xy_to_position(end, clamp=True), m.slice_shape))
+            if getattr(self, "_shift", False):
+                return self._prompt(viewWidget, lambda m: self.session.remove_point(m.xy_to_position(start)))
+            return self._prompt(viewWidget, lambda m: self.session.add_point(m.xy_to_position(start), m.slice_shape,
+                                                                              not negative))
+        return False
+
+    def _prompt(self, viewWidget, action):
+        from RobustMedSAMLogic.interaction import InteractionError
+
+        try:
+            mapper = self._mapper(viewWidget)
+            if mapper is None:
+                self._status("select a source volume")
+                return True
+            action(mapper)
+        except InteractionError as e:
+            self._status(str(e))
+        except Exception as e:
+            logging.exception("RobustMedSAM prompt")
+            self._status(str(e))
+        self._updateButtons()
+        self._updatePromptActors()
+        return True
+
+    # drawing ----------------------------------------------------------------------------------------
+    def _actorsFor(self, viewWidget):
+        if viewWidget not in self.actors:
+            points = vtk.vtkPoints()
+            poly = vtk.vtkPolyData()
+            poly.SetPoints(points)
+            mapper = vtk.vtkPolyDataMapper2D()
+            mapper.SetInputData(poly)
+            band = vtk.vtkActor2D()
+            band.SetMapper(mapper)
+            band.GetProperty().SetColor(1.0, 0.85, 0.1)
+            band.GetProperty().SetLineWidth(2)
+            band.VisibilityOff()
+            self.scriptedEffect.addActor2D(viewWidget, band)
+            glyphs = {}
+            for positive, color in ((True, (0.2, 0.9, 0.2)), (False, (0.95, 0.2, 0.2))):
+                pts = vtk.vtkPoints()
+                pd = vtk.vtkPolyData()
+                pd.SetPoints(pts)
+                source = vtk.vtkGlyphSource2D()
+                source.SetGlyphTypeToCircle() if positive else source.SetGlyphTypeToCross()
+                source.SetScale(10)
+                source.FilledOff()
+                glyph = vtk.vtkGlyph2D()
+                glyph.SetInputData(pd)
+                glyph.SetSourceConnection(source.GetOutputPort())
+                gm = vtk.vtkPolyDataMapper2D()
+                gm.SetInputConnection(glyph.GetOutputPort())
+                actor = vtk.vtkActor2D()
+                actor.SetMapper(gm)
+                actor.GetProperty().SetColor(*color)
+                actor.GetProperty().SetLineWidth(2)
+                self.scriptedEffect.addActor2D(viewWidget, actor)
+                glyphs[positive] = (actor, pts, pd)
+            self.actors[viewWidget] = (band, poly, glyphs)
+        return self.actors[viewWidget]
+
+    def _showRubberBand(self, viewWidget, rect):
+        band, poly, _ = self._actorsFor(viewWidget)
+        if rect is None:
+            band.VisibilityOff()
+        else:
+            x0, y0, x1, y1 = rect
+            points = vtk.vtkPoints()
+            for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)):
+                points.InsertNextPoint(x, y, 0)
+            lines = vtk.vtkCellArray()
+            lines.InsertNextCell(5)
+            for n in range(5):
+                lines.InsertCellPoint(n)
+            poly.SetPoints(points)
+            poly.SetLines(lines)
+            poly.Modified()
+            band.VisibilityOn()
+        self.scriptedEffect.scheduleRender(viewWidget)
+
+    def _updatePromptActors(self):
+        """Draw the current prompt points (green: object, red: background) in every slice view."""
+        from RobustMedSAMLib.volume_io import slice_to_ijk
+
+        from RobustMedSAMLogic import volumes
+
+        s = self.session
+        psn = self.scriptedEffect.parameterSetNode()
+        volumeNode = psn.GetSourceVolumeNode() if psn else None
+        for viewWidget in self._sliceWidgets():
+            _, _, glyphs = self._actorsFor(viewWidget)
+            for actor, pts, pd in glyphs.values():
+                pts.Reset()
+            if s is not None and s.prompts is not None and volumeNode is not None:
+                ijkToWorld = volumes.local_to_world(volumeNode) @ volumes.ijk_to_ras(volumeNode)
+                sliceNode = viewWidget.sliceLogic().GetSliceNode()
+                rasToXy = np.linalg.inv(volumes.to_numpy(sliceNode.GetXYToRAS()))
+                for x, y, positive in s.prompts.points:
+                    ijk = slice_to_ijk(s.prompts.axis, s.prompts.index, [[x, y]])[0]
+                    ras = ijkToWorld @ [ijk[0], ijk[1], ijk[2], 1.0]
+                    xyz = rasToXy @ ras
+                    if abs(xyz[2]) < 0.5:  # only on the slice being shown
+                        glyphs[positive][1].InsertNextPoint(xyz[0], xyz[1], 0)
+            for actor, pts, pd in glyphs.values():
+                pd.Modified()
+            self.scriptedEffect.scheduleRender(viewWidget)
+
+    def _removeActors(self, viewWidget):
+        band, poly, glyphs = self.actors.pop(viewWidget)
+        self.scriptedEffect.removeActor2D(viewWidget, band)
+        for actor, _, _ in glyphs.values():
+            self.scriptedEffect.removeActor2D(viewWidget, actor)
+
+    def _removePreview(self):
+        if self.preview is not None:
+            self.preview.remove()

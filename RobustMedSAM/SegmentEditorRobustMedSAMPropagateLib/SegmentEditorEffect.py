@@ -1,0 +1,297 @@
+"""Segment Editor effect "RobustMedSAM Propagate": extends the selected segment from its annotated slices
+through the volume (IoU-stopped propagation of the RobustMedSAM engine).
+
+Thin Qt glue around ``RobustMedSAMLogic.propagation.PropagationSession``: the run happens in a background
+thread (progress bar, Cancel), the result is previewed in a separate node, and Apply writes it as one
+undoable modification through ``scriptedEffect.modifySegmentByLabelmap`` (masking settings respected).
+After a correction on a slice, Propagate again recomputes only what depends on the corrected slice.
+A cancelled or failed run never touches the segmentation.
+"""
+import logging
+import os
+
+import qt
+
+import slicer
+from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
+
+AXES = [("k (axial for most scans)", "k"), ("j (coronal for most scans)", "j"), ("i (sagittal for most scans)", "i"),
+        ("axial", "axial"), ("coronal", "coronal"), ("sagittal", "sagittal")]
+PROJECTIONS = ["mask", "box", "points", "points_and_mask", "single_point"]
+
+
+class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
+    """Propagate a segment through the volume with RobustMedSAM."""
+
+    def __init__(self, scriptedEffect):
+        scriptedEffect.name = "RobustMedSAM Propagate"
+        scriptedEffect.title = "RobustMedSAM Propagate"
+        scriptedEffect.perSegment = False
+        scriptedEffect.requireSegments = True
+        AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
+        self.sessions = {}     # (segmentation ID, segment ID, volume ID) -> PropagationSession
+        self.session = None
+        self.preview = None
+        self.task = None
+        self.timer = None
+
+    def clone(self):
+        import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+        clonedEffect = effects.qSlicerSegmentEditorScriptedEffect(None)
+        clonedEffect.setPythonSource(__file__.replace("\\", "/"))
+        return clonedEffect
+
+    def icon(self):
+        iconPath = os.path.join(os.path.dirname(__file__), "SegmentEditorEffect.png")
+        return qt.QIcon(iconPath) if os.path.exists(iconPath) else qt.QIcon()
+
+    def helpText(self):
+        return ("<html>Propagate the selected segment from the slices where it is drawn (e.g. with the RobustMedSAM "
+                "effect) to the neighbouring slices, until consecutive slices overlap less than the IoU threshold."
+                "<p><b>Propagate</b> computes a preview (Cancel stops it; nothing is changed), <b>Apply</b> writes it "
+                "in one undoable step. After correcting a slice, Propagate again: only the slices that depend on "
+                "the correction are recomputed.</html>")
+
+    # options -----------------------------------------------------------------------------------------
+    def setupOptionsFrame(self):
+        self.axisCombo = qt.QComboBox()
+        for label, value in AXES:
+            self.axisCombo.addItem(label, value)
+        self.scriptedEffect.addLabeledOptionsWidget("Axis:", self.axisCombo)
+        self.thresholdSlider = slicer.qMRMLSliderWidget()
+        self.thresholdSlider.minimum, self.thresholdSlider.maximum = 0.0, 1.0
+        self.thresholdSlider.singleStep, self.thresholdSlider.decimals = 0.05, 2
+        self.thresholdSlider.toolTip = "Stop when a slice overlaps the previous one less than this (IoU)."
+        self.scriptedEffect.addLabeledOptionsWidget("IoU threshold:", self.thresholdSlider)
+        self.projectionCombo = qt.QComboBox()
+        self.projectionCombo.addItems(PROJECTIONS)
+        self.projectionCombo.toolTip = "Prompts derived from the previous slice's mask."
+        self.scriptedEffect.addLabeledOptionsWidget("Prompt from mask:", self.projectionCombo)
+        rangeRow = qt.QHBoxLayout()
+        self.rangeCheck = qt.QCheckBox("Limit to slices")
+        self.firstSpin = qt.QSpinBox()
+        self.lastSpin = qt.QSpinBox()
+        for spin in (self.firstSpin, self.lastSpin):
+            spin.maximum = 100000
+        rangeRow.addWidget(self.rangeCheck)
+        rangeRow.addWidget(self.firstSpin)
+        rangeRow.addWidget(qt.QLabel("to"))
+        rangeRow.addWidget(self.lastSpin)
+        self.scriptedEffect.addOptionsWidget(rangeRow)
+        self.fullRunCheck = qt.QCheckBox("Start over (use all non-empty slices as annotations)")
+        self.scriptedEffect.addOptionsWidget(self.fullRunCheck)
+        self.propagateButton = qt.QPushButton("Propagate")
+        self.propagateButton.objectName = self.__class__.__name__ + "Propagate"
+        self.scriptedEffect.addOptionsWidget(self.propagateButton)
+        self.progressBar = qt.QProgressBar()
+        self.progressBar.visible = False
+        self.scriptedEffect.addOptionsWidget(self.progressBar)
+        row = qt.QHBoxLayout()
+        self.cancelButton = qt.QPushButton("Cancel")
+        self.applyButton = qt.QPushButton("Apply")
+        self.applyButton.objectName = self.__class__.__name__ + "Apply"
+        row.addWidget(self.cancelButton)
+        row.addWidget(self.applyButton)
+        self.scriptedEffect.addOptionsWidget(row)
+        self.plotButton = qt.QPushButton("Show predicted IoU per slice")
+        self.scriptedEffect.addOptionsWidget(self.plotButton)
+        self.statusLabel = qt.QLabel("")
+        self.statusLabel.wordWrap = True
+        self.scriptedEffect.addOptionsWidget(self.statusLabel)
+
+        for w, signal in ((self.axisCombo, "currentIndexChanged(int)"), (self.thresholdSlider, "valueChanged(double)"),
+                          (self.projectionCombo, "currentIndexChanged(int)"), (self.rangeCheck, "toggled(bool)"),
+                          (self.firstSpin, "valueChanged(int)"), (self.lastSpin, "valueChanged(int)")):
+            w.connect(signal, self.updateMRMLFromGUI)
+        self.propagateButton.connect("clicked()", self.onPropagate)
+        self.cancelButton.connect("clicked()", self.onCancel)
+        self.applyButton.connect("clicked()", self.onApply)
+        self.plotButton.connect("clicked()", self.onPlot)
+
+    def setMRMLDefaults(self):
+        self.scriptedEffect.setParameterDefault("Axis", "k")
+        self.scriptedEffect.setParameterDefault("IoUThreshold", 0.5)
+        self.scriptedEffect.setParameterDefault("Projection", "mask")
+        self.scriptedEffect.setParameterDefault("LimitRange", 0)
+        self.scriptedEffect.setParameterDefault("FirstSlice", 0)
+        self.scriptedEffect.setParameterDefault("LastSlice", 0)
+
+    def updateGUIFromMRML(self):
+        widgets = (self.axisCombo, self.thresholdSlider, self.projectionCombo, self.rangeCheck, self.firstSpin,
+                   self.lastSpin)
+        blocked = [w.blockSignals(True) for w in widgets]
+        index = self.axisCombo.findData(self.scriptedEffect.parameter("Axis") or "k")
+        self.axisCombo.currentIndex = max(index, 0)
+        self.thresholdSlider.value = self.scriptedEffect.doubleParameter("IoUThreshold")
+        self.projectionCombo.currentText = self.scriptedEffect.parameter("Projection") or "mask"
+        self.rangeCheck.checked = bool(self.scriptedEffect.integerParameter("LimitRange"))
+        self.firstSpin.value = self.scriptedEffect.integerParameter("FirstSlice")
+        self.lastSpin.value = self.scriptedEffect.integerParameter("LastSlice")
+        for w, b in zip(widgets, blocked):
+            w.blockSignals(b)
+        self._updateButtons()
+
+    def updateMRMLFromGUI(self):
+        self.scriptedEffect.setParameter("Axis", self.axisCombo.currentData)
+        self.scriptedEffect.setParameter("IoUThreshold", self.thresholdSlider.value)
+        self.scriptedEffect.setParameter("Projection", self.projectionCombo.currentText)
+        self.scriptedEffect.setParameter("LimitRange", int(self.rangeCheck.checked))
+        self.scriptedEffect.setParameter("FirstSlice", self.firstSpin.value)
+        self.scriptedEffect.setParameter("LastSlice", self.lastSpin.value)
+
+    # lifecycle ---------------------------------------------------------------------------------------
+    def deactivate(self):
+        self.onCancel()
+
+    def cleanup(self):
+        self.onCancel()
+        if self.timer is not None:
+            self.timer.stop()
+
+    # session -----------------------------------------------------------------------------------------
+    def _nodes(self):
+        psn = self.scriptedEffect.parameterSetNode()
+        if psn is None:
+            return None, None, None
+        return psn.GetSegmentationNode(), psn.GetSelectedSegmentID(), psn.GetSourceVolumeNode()
+
+    def _logic(self):
+        from RobustMedSAMLogic.logic import RobustMedSAMBridgeLogic
+
+        return RobustMedSAMBridgeLogic(slicer.mrmlScene)
+
+    def _session(self):
+        from RobustMedSAMLogic import segments
+        from RobustMedSAMLogic.propagation import bind_session
+
+        segNode, segmentID, volumeNode = self._nodes()
+        if segNode is None or not segmentID or volumeNode is None:
+            raise ValueError("select a segmentation, a segment and a source volume")
+        key = (segNode.GetID(), segmentID, volumeNode.GetID())
+        if key not in self.sessions:
+            logic = self._logic()
+            intensity = logic.settings().intensity
+            writer = segments.SegmentWriter(segments.EffectAccess(self.scriptedEffect, segNode), segNode, volumeNode)
+            self.preview = segments.PreviewSegmentation(slicer.mrmlScene, volumeNode, segNode)
+            self.sessions[key] = bind_session(segNode, segmentID, volumeNode,
+                                              lambda axis: logic.engineSession().segmenter(volumeNode, axis, intensity),
+                                              writer, self.preview)
+        return self.sessions[key]
+
+    def _options(self, volumeNode):
+        from RobustMedSAMLogic import volumes
+        from RobustMedSAMLogic.propagation import PropagationOptions
+
+        axis = volumes.volume_from_node(volumeNode).resolve_axis(self.axisCombo.currentData)
+        n = volumes.shape_of(volumeNode)[axis]
+        sliceRange = None
+        if self.rangeCheck.checked:
+            first, last = sorted((self.firstSpin.value, self.lastSpin.value))
+            sliceRange = (max(0, first), min(n - 1, last))
+        return PropagationOptions(axis, self.thresholdSlider.value, self.projectionCombo.currentText, 0.025, sliceRange)
+
+    def onPropagate(self):
+        from RobustMedSAMLogic.tasks import BackgroundTask
+
+        if self.task is not None and self.task.running:
+            return
+        try:
+            self.session = self._session()
+            self.session.cancel()
+            _, _, volumeNode = self._nodes()
+            plan = self.session.plan(self._options(volumeNode), force_full=self.fullRunCheck.checked)
+            engine = self._logic().engineSession()
+            engine.images(volumeNode, self._logic().settings().intensity)  # MRML read in the GUI thread
+        except Exception as e:
+            self._status(str(e))
+            return
+        session = self.session
+
+        def work(task):
+            engine.load(progress=lambda d, n=None: task.progress(0, None, "downloading the model"), cancel=task.cancelled)
+            return session.compute(plan, progress=lambda done, total, index: task.progress(done, total, f"slice {index}"),
+                                   cancel=task.cancelled)
+
+        self.task = BackgroundTask(work, "RobustMedSAM propagation").start()
+        self.progressBar.visible = True
+        self.progressBar.value = 0
+        what = "correction on slices " + ", ".join(map(str, plan.changed)) if plan.mode == "repropagate" else \
+            f"{len(plan.seeds)} annotated slice(s)"
+        self._status(f"propagating from {what}...")
+        if self.timer is None:
+            self.timer = qt.QTimer()
+            self.timer.setInterval(150)
+            self.timer.connect("timeout()", self._poll)
+        self.timer.start()
+        self._updateButtons()
+
+    def _poll(self):
+        if self.task is None:
+            self.timer.stop()
+            return
+        state = self.task.poll()
+        if not state.finished:
+            if state.total:
+                self.progressBar.maximum = int(state.total)
+                self.progressBar.value = int(state.done)
+            self._status(state.message)
+            return
+        self.timer.stop()
+        self.task = None
+        self.progressBar.visible = False
+        if state.status == "done":
+            self.session.preview()
+            res = self.session.result
+            self._status(f"preview: slices {res.z_range[0]}..{res.z_range[1]}; stopped below: "
+                         f"{res.stops['lower'].reason}, above: {res.stops['upper'].reason}. Apply to keep it.")
+        elif state.status == "cancelled":
+            self.session.cancel()
+            self._status("cancelled; the segmentation is unchanged")
+        else:
+            self.session.cancel()
+            logging.error(state.details)
+            self._status(f"propagation failed, the segmentation is unchanged: {state.message}")
+        self._updateButtons()
+
+    def onCancel(self):
+        if self.task is not None and self.task.running:
+            self.task.cancel()
+            return
+        if self.session is not None:
+            self.session.cancel()
+        self._updateButtons()
+
+    def onApply(self):
+        if self.session is None or self.session.result is None:
+            return
+        try:
+            self.session.apply()
+            self._status("applied (Undo reverts the whole propagation)")
+        except Exception as e:
+            logging.exception("RobustMedSAM Propagate apply")
+            self._status(f"apply failed: {e}")
+        self._updateButtons()
+
+    def onPlot(self):
+        if self.session is None:
+            return
+        result = self.session.result if self.session.result is not None else self.session.last_applied
+        if result is None:
+            return
+        logic = self._logic()
+        table = logic.iouTable({"segment": result})
+        chart = logic.iouPlot(table)
+        slicer.modules.plots.logic().ShowChartInLayout(chart)
+
+    def _updateButtons(self):
+        if not hasattr(self, "applyButton"):
+            return
+        running = self.task is not None and self.task.running
+        self.propagateButton.enabled = not running
+        self.applyButton.enabled = bool(not running and self.session and self.session.result is not None)
+        self.cancelButton.enabled = bool(running or (self.session and self.session.result is not None))
+
+    def _status(self, text):
+        if hasattr(self, "statusLabel"):
+            self.statusLabel.text = text

@@ -1,0 +1,196 @@
+"""The propagate effect's session and the module logic on slicer-core: seeds from a segment, preview,
+one undoable apply, repropagation after a correction, and cancelled/failed runs leaving the segmentation
+exactly as it was; segmentVolume with the engine's tiny model, parameters, IoU table and plot."""
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+if not hasattr(slicer, "vtkMRMLScene"):  # pragma: no cover
+    pytest.skip("slicer-core is not installed", allow_module_level=True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "RobustMedSAM"))
+
+import slicer.util  # noqa: E402
+
+from RobustMedSAMLib.prompts import Prediction, Prompt  # noqa: E402
+from RobustMedSAMLib.propagation import PropagationCancelled  # noqa: E402
+from RobustMedSAMLogic import segments, tasks, volumes  # noqa: E402
+from RobustMedSAMLogic.headless import make_headless_scene  # noqa: E402
+from RobustMedSAMLogic.propagation import PropagationOptions, bind_session  # noqa: E402
+
+SHAPE = (10, 16, 18)
+
+
+def truth():
+    """The object: a rectangle on slices 2..7 along k, growing with k."""
+    t = np.zeros(SHAPE, bool)
+    for k in range(2, 8):
+        t[k, 4:8 + k // 2, 3:10 + k // 2] = True
+    return t
+
+
+class StandIn:
+    """A deterministic SliceSegmenter: returns the true object on each slice (the model is not under test)."""
+
+    def __init__(self, axis=0, fail_at=None):
+        self.t = np.moveaxis(truth(), axis, 0)
+        self.num_slices = self.t.shape[0]
+        self.slice_shape = self.t.shape[1:]
+        self.calls = []
+        self.fail_at = fail_at
+
+    def predict_slice(self, index, prompt, multimask=False):
+        self.calls.append(index)
+        if index == self.fail_at:
+            raise RuntimeError("CUDA out of memory")
+        m = self.t[index][None]
+        return Prediction(m.copy(), m.astype(np.float32), np.array([0.93], np.float32), np.zeros((1, 4, 4), np.float32))
+
+
+@pytest.fixture
+def setup():
+    scene, _ = make_headless_scene()
+    vol = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    slicer.util.updateVolumeFromArray(vol, (truth() * 300).astype(np.int16))
+    m = np.diag([-0.9, -0.9, 3.0, 1.0])
+    vol.SetIJKToRASMatrix(volumes.to_vtk(m))
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(vol)
+    other = seg.GetSegmentation().AddEmptySegment("other", "other")
+    o = np.zeros(SHAPE, bool)
+    o[0, 0:2, 0:2] = True
+    slicer.util.updateSegmentBinaryLabelmapFromArray(o.astype(np.uint8), seg, other, vol)
+    sid = seg.GetSegmentation().AddEmptySegment("organ", "organ")
+    writer = segments.SegmentWriter(segments.editor_access(scene, seg, vol), seg, vol)
+    writer.replace_slice(sid, 0, 4, truth()[4])  # the user's annotation on slice 4
+    preview = segments.PreviewSegmentation(scene, vol, seg)
+    return scene, vol, seg, sid, writer, preview
+
+
+def test_propagate_preview_apply_undo_and_repropagate(setup):
+    scene, vol, seg, sid, writer, preview = setup
+    segmenters = []
+
+    def factory(axis):
+        segmenters.append(StandIn(axis))
+        return segmenters[-1]
+
+    session = bind_session(seg, sid, vol, factory, writer, preview)
+    plan = session.plan(PropagationOptions(axis=0, iou_threshold=0.3))
+    assert plan.mode == "full" and list(plan.seeds) == [4]
+    before = segments.snapshot(seg, vol)
+    result = session.compute(plan)
+    assert result.z_range == (2, 7)
+    session.preview()
+    np.testing.assert_array_equal(preview.mask(SHAPE), truth())
+    assert segments.same_snapshot(before, segments.snapshot(seg, vol))  # nothing written before apply
+    assert session.apply()
+    np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, vol) != 0, truth())
+    assert not preview.visible
+    assert writer.undo()  # the whole propagation is one undo step
+    assert segments.same_snapshot(before, segments.snapshot(seg, vol))
+    writer.access.logic.Redo()
+    np.testing.assert_array_equal(volumes.segment_mask(seg, sid, vol), truth())
+    # correction on slice 6 (e.g. with the prompt effect): only the dependent part is recomputed
+    corrected = truth()[6].copy()
+    corrected[4:6, 3:6] = False
+    writer.replace_slice(sid, 0, 6, corrected)
+    plan = session.plan(PropagationOptions(axis=0, iou_threshold=0.3))
+    assert plan.mode == "repropagate" and plan.changed == [6]
+    result = session.compute(plan)
+    assert set(segmenters[-1].calls) <= {5, 7, 8, 9} and 4 not in segmenters[-1].calls
+    assert 6 in result.seeds and 4 in result.seeds
+    session.apply()
+    got = volumes.segment_mask(seg, sid, vol)
+    np.testing.assert_array_equal(got[6], corrected)
+    np.testing.assert_array_equal(got[2:6], truth()[2:6])
+    report = session.report()
+    assert {r["index"] for r in report} >= {4, 6}
+
+
+@pytest.mark.parametrize("how", ["cancel", "fail", "cancel_in_thread"])
+def test_cancelled_or_failed_run_leaves_segmentation_as_before(setup, how):
+    scene, vol, seg, sid, writer, preview = setup
+    session = bind_session(seg, sid, vol, lambda axis: StandIn(axis, fail_at=6 if how == "fail" else None),
+                           writer, preview)
+    before = segments.snapshot(seg, vol)
+    nodes_before = scene.GetNumberOfNodes()
+    plan = session.plan(PropagationOptions(axis=0, iou_threshold=0.3))
+    if how == "cancel":
+        calls = iter(range(100))
+        with pytest.raises(PropagationCancelled):
+            session.compute(plan, cancel=lambda: next(calls) >= 2)
+    elif how == "fail":
+        with pytest.raises(RuntimeError, match="out of memory"):
+            session.compute(plan)
+    else:
+        gate = threading.Event()
+
+        def slow_progress(done, total, index):
+            gate.wait(5)
+
+        task = tasks.BackgroundTask(lambda t: session.compute(plan, progress=slow_progress, cancel=t.cancelled)).start()
+        task.cancel()
+        gate.set()
+        state = task.wait(10)
+        assert state.status == tasks.CANCELLED and state.finished
+    session.cancel()
+    assert session.result is None and not session.apply()
+    assert segments.same_snapshot(before, segments.snapshot(seg, vol))
+    assert scene.GetNumberOfNodes() == nodes_before and not preview.visible
+
+
+def test_background_task_reports_progress_result_and_failure():
+    def work(t):
+        for n in range(3):
+            t.progress(n + 1, 3, f"slice {n}")
+        return 42
+
+    state = tasks.BackgroundTask(work).start().wait(5)
+    assert (state.status, state.result, state.done, state.total, state.fraction) == (tasks.DONE, 42, 3, 3, 1.0)
+    state = tasks.run_inline(lambda t: (_ for _ in ()).throw(ValueError("bad prompt")))
+    assert state.status == tasks.FAILED and "bad prompt" in state.message and "ValueError" in state.details
+
+
+def test_segment_volume_logic_parameters_iou_plot(tiny_model):
+    from RobustMedSAMLib.prompt_files import ObjectPrompts
+    from RobustMedSAMLogic.engine import EngineSession
+    from RobustMedSAMLogic.logic import RobustMedSAMBridgeLogic, Settings
+
+    scene, _ = make_headless_scene()
+    vol = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    arr = (np.random.default_rng(3).random((3, 32, 40)) * 80).astype(np.int16)
+    arr[:, 8:24, 10:30] += 500
+    slicer.util.updateVolumeFromArray(vol, arr)
+    vol.SetIJKToRASMatrix(volumes.to_vtk(np.diag([-0.8, -0.8, 2.0, 1.0])))
+    engine = EngineSession(loaded=tiny_model)
+    logic = RobustMedSAMBridgeLogic(scene, engine)
+    node = logic.getParameterNode()
+    assert logic.getParameterNode() is node and logic.settings() == Settings()
+    logic.setSettings(Settings(iouThreshold=0.7, propagate=False, cacheMB=256.0, model="sam-vit-b"))
+    s = logic.settings()
+    assert (s.iouThreshold, s.propagate, s.cacheMB, s.model) == (0.7, False, 256.0, "sam-vit-b")
+    objects = [ObjectPrompts("bright", (1.0, 0.2, 0.2), {1: Prompt(box=[10, 8, 30, 24])}),
+               ObjectPrompts("corner", None, {1: Prompt(points=[[2, 2]], labels=[1])})]
+    seg, ids, result = logic.segmentVolume(vol, objects, axis="k", propagate=True, iouThreshold=0.0, engine=engine)
+    assert list(ids) == ["bright", "corner"]
+    for obj in result.objects:
+        np.testing.assert_array_equal(volumes.segment_mask(seg, ids[obj.name], vol), obj.mask)
+    assert seg.GetSegmentation().GetSegment(ids["bright"]).GetColor() == pytest.approx((1.0, 0.2, 0.2))
+    table = logic.iouTable(result)
+    t = table.GetTable()
+    assert t.GetColumnName(0) == "slice" and t.GetNumberOfColumns() == 5
+    assert t.GetNumberOfRows() >= 1
+    chart = logic.iouPlot(table)
+    assert chart.GetNumberOfPlotSeriesNodes() == 2
+    assert chart.GetNthPlotSeriesNode(0).GetYColumnName() == "bright predicted IoU"
+    # the whole run (new segments and their voxels) is one undo step
+    assert logic.undo(seg)
+    assert seg.GetSegmentation().GetNumberOfSegments() == 0
