@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from Training import datasets as D  # noqa: E402
+from Training.cli_common import (add_source_args, ensure_output_folder, progress_bar,  # noqa: E402
+                                 require_objects, sources_from)
 
 log = logging.getLogger("robustmedsam.evaluate")
 
@@ -97,14 +98,7 @@ def evaluate(models: Sequence[EvalModel], sources: Sequence[D.Source], corruptio
         work.extend((source, i) for i in items)
     if not work:
         raise EvaluationError("no image with a non-empty mask to evaluate on")
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(work) * len(corruptions), unit="image")
-        except ImportError:
-            pass
+    bar = progress_bar(len(work) * len(corruptions), "image", enabled=progress)
     rows = []
     for source, index in work:
         item = source.item(index)
@@ -240,18 +234,7 @@ def build_parser(prog: str = "robustmedsam evaluate") -> argparse.ArgumentParser
     g.add_argument("--sam-path", action="store_true", help="use the SAM decoder path of robust checkpoints")
     g.add_argument("--offline", action="store_true", help="never download weights")
     g = p.add_argument_group("data")
-    g.add_argument("--npz", action="append", default=[], help="MedSegBench .npz file or dataset name (repeat)")
-    g.add_argument("--images", action="append", default=[], help="images folder (paired with --masks)")
-    g.add_argument("--masks", action="append", default=[], help="masks folder")
-    g.add_argument("--split", default="test", choices=D.SPLITS)
-    g.add_argument("--category")
-    g.add_argument("--npz-size", type=int, default=256)
-    g.add_argument("--npz-root")
-    g.add_argument("--download", action="store_true")
-    g.add_argument("--mask-suffix", default="")
-    g.add_argument("--slice-axis", type=int, default=0, choices=[0, 1, 2])
-    g.add_argument("--modality")
-    g.add_argument("--window")
+    add_source_args(g, split="test")
     g.add_argument("--label-mode", default="semantic", choices=D.LABEL_MODES)
     g.add_argument("--max-images", type=int, default=0, help="per dataset (0: all)")
     g = p.add_argument_group("protocol")
@@ -270,14 +253,7 @@ def build_parser(prog: str = "robustmedsam evaluate") -> argparse.ArgumentParser
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise EvaluationError(f"output {out} is a file; give a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise EvaluationError(f"cannot create output folder {out} ({e.strerror or e})") from None
-    if not os.access(out, os.W_OK):
-        raise EvaluationError(f"output folder {out} is not writable")
+    ensure_output_folder(out, EvaluationError)
     existing = [n for n in OUTPUT_FILES if (out / n).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them")
@@ -320,15 +296,8 @@ def run(args) -> Dict[str, Path]:
     out = Path(args.output)
     _check_output(out, args.overwrite)
     corruptions = D.corruption_choices(args.corruptions)
-    window = args.window
-    if window and "," in window:
-        window = tuple(float(v) for v in window.split(","))
-    sources = D.build_sources(npz=args.npz, images=args.images, masks=args.masks, split=args.split,
-                              category=args.category, npz_size=args.npz_size, npz_root=args.npz_root,
-                              download=args.download, mask_suffix=args.mask_suffix, axis=args.slice_axis,
-                              modality=args.modality, window=window)
-    if not any(s.candidates() for s in sources):
-        raise EvaluationError("no image with a non-empty mask in " + ", ".join(s.name for s in sources))
+    sources = sources_from(args, npz=args.npz, images=args.images, masks=args.masks, split=args.split)
+    require_objects(sources)
     models = load_models(args)
     rows = evaluate(models, sources, corruptions, args.prompts, args.severity, args.max_images, args.seed,
                     args.num_points, args.box_shift, args.label_mode, progress=args.progress)
