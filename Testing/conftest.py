@@ -21,6 +21,18 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("ROBUSTMEDSAM_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: 2-thread OpenMP slows down 10x and more when other processes share
+    the 2 cores (training tests run many small steps)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """The tiny robust-decoder model with seeded weights (seed 0)."""

@@ -21,13 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "Training" / "train_decoder.py"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: 2-thread OpenMP slows down by 10x and more when other processes share the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
