@@ -107,7 +107,8 @@ class LoadedModel:
 
 def load_model(name: Optional[str] = None, checkpoint: Optional[os.PathLike] = None, *, device=None,
                preprocessing: Optional[str] = None, batchnorm: str = "running", allow_download: bool = True,
-               progress: Optional[Callable[[int, Optional[int]], None]] = None) -> LoadedModel:
+               progress: Optional[Callable[[int, Optional[int]], None]] = None,
+               cancel: Optional[Callable[[], bool]] = None) -> LoadedModel:
     """Build a model and load its weights.
 
     Arguments:
@@ -130,7 +131,8 @@ def load_model(name: Optional[str] = None, checkpoint: Optional[os.PathLike] = N
             raise ValueError(f"model {config.name!r} has no released weights; use seeded_model() or --checkpoint")
         from . import weights
 
-        checkpoint = weights.ensure_weights(config.weights, allow_download=allow_download, progress=progress)
+        checkpoint = weights.ensure_weights(config.weights, allow_download=allow_download, progress=progress,
+                                            cancel=cancel)
     path = Path(checkpoint)
     state, metadata = checkpoints.read_checkpoint(path)
     arch = checkpoints.detect_architecture(state, path)
