@@ -111,6 +111,28 @@ def my_cases(cases: Sequence[Case], rank: int, world: int) -> List[Case]:
     return list(cases[rank::world])
 
 
+def total_over_processes(count: int, rank: int, world: int) -> int:
+    """Sum ``count`` over the processes of a torchrun job (waits for all of them); ``count`` when alone.
+
+    torchrun terminates every process as soon as one exits with an error, so the processes of a batch run
+    first wait for each other here and then all exit with the same code.
+    """
+    if world == 1 or "MASTER_ADDR" not in os.environ:
+        return count
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(days=7))
+    try:
+        total = torch.tensor([count], dtype=torch.int64)
+        dist.all_reduce(total)
+        return int(total.item())
+    finally:
+        dist.destroy_process_group()
+
+
 @dataclass
 class CaseOutcome:
     name: str

@@ -141,29 +141,33 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise ValueError("give --manifest CSV, or --volumes DIR --prompts DIR --output-dir DIR")
     rank, world = batch.shard_from_env(args.shard)
     mine = batch.my_cases(cases, rank, world)
-    todo = [c for c in mine if args.overwrite or not c.output.exists()]
-    print(f"shard {rank}/{world}: {len(mine)} of {len(cases)} cases, {len(mine) - len(todo)} already done",
-          file=sys.stderr)
-    if not todo:
-        return 0
+    done = sum(c.output.exists() for c in mine) if not args.overwrite else 0
+    print(f"shard {rank}/{world}: {len(mine)} of {len(cases)} cases, {done} already done", file=sys.stderr)
     if args.device == "auto" and "LOCAL_RANK" in os.environ:
         import torch
 
         if torch.cuda.is_available():  # one GPU per torchrun process
             args.device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
-    loaded, robust = load_from_args(args, quiet=rank != 0)
-    predictor = Predictor(loaded, EncodingCache(max_bytes=int(args.cache_mb * 2**20)), robust=robust)
     defaults = {"axis": args.axis, "window": _window(args.window), "modality": args.modality,
                 "iou_threshold": args.iou_threshold, "projection": args.projection,
                 "box_extension": args.box_extension, "report": args.report}
+    predictors = []  # the model is loaded on the first case that needs it (none if all are done)
+
+    def process(case):
+        if not predictors:
+            loaded, robust = load_from_args(args, quiet=rank != 0)
+            predictors.append(Predictor(loaded, EncodingCache(max_bytes=int(args.cache_mb * 2**20)), robust=robust))
+        return batch.segment_case(case, predictors[0], defaults)
+
     log_path = Path(args.case_log) if args.case_log else None
     if log_path is not None and world > 1:
         log_path = log_path.with_name(f"{log_path.stem}.rank{rank}{log_path.suffix}")
-    outcomes = batch.run_cases(mine, lambda case: batch.segment_case(case, predictor, defaults),
-                               overwrite=args.overwrite, log_path=log_path)
-    failed = [o for o in outcomes if o.status == "failed"]
+    outcomes = batch.run_cases(mine, process, overwrite=args.overwrite, log_path=log_path)
+    failed = sum(o.status == "failed" for o in outcomes)
     print(f"shard {rank}/{world}: {sum(o.status == 'done' for o in outcomes)} done, "
-          f"{sum(o.status == 'skipped' for o in outcomes)} skipped, {len(failed)} failed", file=sys.stderr)
+          f"{sum(o.status == 'skipped' for o in outcomes)} skipped, {failed} failed", file=sys.stderr)
+    # torchrun stops every process as soon as one exits non-zero: agree on the outcome first
+    failed = batch.total_over_processes(failed, rank, world)
     return 1 if failed else 0
 
 
@@ -232,6 +236,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from Training.evaluate import main as evaluate_main  # imported lazily: the training tools are optional
 
     return evaluate_main(args.evaluate_args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main  # imported lazily (options parsed by RobustMedSAMLib.bench)
+
+    return bench_main(args.bench_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,6 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list named models and whether their weights are cached")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("bench", help="speed/memory benchmark on seeded weights (bench --help)",
+                       add_help=False, prefix_chars="\0")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
 
     # every option of `evaluate` is parsed by Training.evaluate (so this parser takes the rest verbatim)
     p = sub.add_parser("evaluate", help="Dice of models per dataset x corruption x prompt (evaluate --help)",

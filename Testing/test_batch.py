@@ -114,7 +114,7 @@ def test_torchrun_two_processes_share_the_cases(cases_dir, tmp_path):
            "RobustMedSAMLib.cli"] + _args(cases_dir, out, "--case-log", str(tmp_path / "runs.csv"))
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert run.returncode != 0, run.stderr  # case4 failed in one of the ranks
+    assert run.returncode != 0, run.stderr  # case4 failed in one of the ranks: both ranks report it
     assert "case4" in run.stdout + run.stderr, run.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [f"case{n}.seg.nrrd" for n in range(4)]
     logs = sorted(p.name for p in tmp_path.glob("runs.rank*.csv"))
