@@ -1,20 +1,309 @@
 """SAM's ViT image encoder that also returns the early feature map read by RobustSAM's decoder.
 
 Subclass of ``segment_anything.modeling.ImageEncoderViT``: same modules and parameter names (a plain SAM /
-MedSAM ``image_encoder.*`` state dict loads unchanged). :meth:`forward` returns the neck output and the
-output of the first global-attention block (block 2 of ViT-B), taken before the neck, channels-last.
+MedSAM ``image_encoder.*`` state dict loads unchanged). :meth:`ImageEncoder.forward` returns the neck output
+and the output of the first global-attention block (block 2 of ViT-B), taken before the neck, channels-last.
+
+Two implementations of the transformer blocks compute the same function (max abs difference ~1e-5 on
+seeded ViT-B weights, see ``Testing/test_fast_encoder.py``):
+
+* the **reference path**: segment_anything's own ``Block.forward`` (eager PyTorch, differentiable);
+* the **fast path** (default on CPU): our own attention and MLP forward on the same parameters. The
+  reference materialises the whole attention matrix of a global block (12 heads x 4096 x 4096 float32 =
+  805 MB, three times: scores, scores + rel-pos bias, softmax), 46 MB ones for the windowed blocks and the
+  4096 x 3072 MLP activation; glibc returns such blocks to the OS after each use, so every forward also
+  page-faults gigabytes (REFERENCE.md section 0). The fast path instead
+
+  - global blocks (4 of 12 in ViT-B): one ``qkv`` GEMM into a reused buffer; q, k, v of each head are
+    strided views of it (no copies). Per head and chunk of query rows (``chunk_bytes``, 16 MB): the
+    decomposed rel-pos bias ``rel_h[q, kh] + rel_w[q, kw]`` is written into a reused buffer and passed to
+    ``F.scaled_dot_product_attention`` as ``attn_mask`` (PyTorch's fused CPU flash kernel: scores, softmax
+    and ``@ v`` stay in cache). ``attention="matmul"`` (the default on PyTorch < 2.2) instead accumulates
+    the scaled ``q k^T`` onto the bias with ``baddbmm_`` (GEMM with beta = 1), runs softmax in place and
+    writes ``@ v`` straight into the head's columns of the token-layout output;
+  - windowed blocks (8 of 12): one row of windows at a time: ``qkv`` of its real tokens only (the
+    reference also multiplies the zero padding; a padded token's q/k/v is exactly the qkv bias, which is
+    written instead), attention per (window, head) as above, output un-partitioned before the projection;
+  - the MLP runs on chunks of ``mlp_tokens`` tokens (1024), hidden activation in a reused buffer, GELU in
+    place, residuals added in place;
+
+  All large temporaries live in one per-call scratch pool, so a ViT-B forward needs ~0.2 GB on top of
+  the weights instead of ~2.5 GB, and on 2 AVX2 cores it runs about 2x faster than segment_anything's
+  eager encoder, within ~1.2x of the fp32 GEMM FLOP floor (measured by ``robustmedsam bench``). It is used when it computes what
+  the reference computes: the blocks are segment_anything's unmodified ``Block``/``Attention``/``MLPBlock``
+  without forward hooks (the training adapters attach hooks, so adapted encoders take the reference
+  path), float32, no gradient needed, no autocast active.
+
+Switch: ``encoder.fast_path = None`` (default: fast on CPU, reference elsewhere), ``True`` (fast wherever
+it is exact, e.g. also on CUDA) or ``False`` (reference); the environment variable
+``ROBUSTMEDSAM_ENCODER=reference`` forces the reference path process-wide. :meth:`ImageEncoder.path_for`
+tells which path an input takes. The benchmark is ``robustmedsam bench`` (``RobustMedSAMLib/bench.py``).
 """
 from __future__ import annotations
 
-from typing import Tuple
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from segment_anything.modeling import ImageEncoderViT
+from segment_anything.modeling.common import MLPBlock
+from segment_anything.modeling.image_encoder import Attention, Block, get_rel_pos
+
+ENV_SWITCH = "ROBUSTMEDSAM_ENCODER"
+
+
+def _torch_version() -> Tuple[int, int]:
+    parts = torch.__version__.split("+")[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):  # pragma: no cover - unusual version strings
+        return (2, 0)
+
+
+# PyTorch >= 2.2 has a fused (flash) CPU kernel for scaled_dot_product_attention with a float attn_mask
+# and the ``scale`` argument (2.1); older versions would fall back to the unfused math kernel.
+SDPA_FUSED = _torch_version() >= (2, 2)
+
+
+@dataclass
+class FastPathOptions:
+    """Tuning of the fast path (results do not depend on them beyond float rounding).
+
+    attention: "sdpa" (PyTorch's fused flash kernel, bias as ``attn_mask``; default on PyTorch >= 2.2, see
+        ``SDPA_FUSED``) or "matmul" (``baddbmm_`` onto the bias + in-place softmax + ``bmm``).
+    chunk_bytes: size budget of one block of attention scores / bias (query rows per chunk follow).
+    mlp_tokens: tokens per MLP chunk (hidden activation ``mlp_tokens x 4C`` floats).
+    """
+
+    attention: str = "sdpa" if SDPA_FUSED else "matmul"
+    chunk_bytes: int = 16 << 20
+    mlp_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.attention not in ("sdpa", "matmul"):
+            raise ValueError(f"attention must be 'sdpa' or 'matmul', got {self.attention!r}")
+        if self.attention == "sdpa" and not SDPA_FUSED:
+            raise ValueError("attention='sdpa' needs PyTorch >= 2.2 (fused CPU kernel, scale argument)")
+        if self.chunk_bytes < 1 or self.mlp_tokens < 1:
+            raise ValueError("chunk_bytes and mlp_tokens must be positive")
+
+
+class _Scratch:
+    """Named flat buffers reused across the blocks of one forward (no repeated multi-MB allocations)."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.dtype, self.device = like.dtype, like.device
+        self._buffers: Dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, *shape: int) -> torch.Tensor:
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            self._buffers.pop(name, None)
+            buf = torch.empty(numel, dtype=self.dtype, device=self.device)
+            self._buffers[name] = buf
+        return buf[:numel].view(*shape)
+
+
+def _linear_into(x2d: torch.Tensor, layer: nn.Linear, out: torch.Tensor) -> torch.Tensor:
+    """``out = x2d @ W^T + b`` (exactly ``F.linear``'s addmm) into a preallocated ``out``."""
+    if layer.bias is None:
+        return torch.mm(x2d, layer.weight.t(), out=out)
+    return torch.addmm(layer.bias, x2d, layer.weight.t(), out=out)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, has_bias: bool, scale: float,
+            opts: FastPathOptions, out: torch.Tensor) -> None:
+    """``out = softmax(scale * q k^T + bias) v`` for q ``(n, L, hd)``, k, v ``(n, S, hd)`` (any strides with a
+    contiguous last dimension). ``scores (n, L, S)`` holds the bias if ``has_bias`` and is overwritten."""
+    if opts.attention == "sdpa":
+        res = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=scores[None] if has_bias else None,
+                                             scale=scale)
+        out.copy_(res[0])
+        return
+    kt = k.transpose(-2, -1)
+    if has_bias:
+        scores.baddbmm_(q, kt, alpha=scale)
+    else:
+        torch.baddbmm(scores, q, kt, beta=0.0, alpha=scale, out=scores)
+    torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+    torch.bmm(scores, v, out=out)  # strided ``out`` (a head's columns of the token layout) is fine for BLAS
+
+
+def _global_attention(attn: Attention, qkv: torch.Tensor, size: Tuple[int, int, int], scratch: _Scratch,
+                      opts: FastPathOptions) -> torch.Tensor:
+    """Attention over all H*W tokens; ``qkv (B*H*W, 3C)``; returns the pre-projection output (B*H*W, C).
+
+    Works on q, k, v as strided views of ``qkv`` (no per-head copies); one head and a chunk of query rows at a
+    time, so the only large temporary is one ``rows*W x H*W`` block of scores (``opts.chunk_bytes``).
+    """
+    B, H, W = size
+    C = qkv.shape[1] // 3
+    nh = attn.num_heads
+    hd, N = C // nh, H * W
+    heads = qkv.view(B, N, 3, nh, hd)
+    out = scratch.get("attn_out", B, N, nh, hd)
+    rows = max(1, min(H, opts.chunk_bytes // (4 * W * N)))
+    rh = get_rel_pos(H, H, attn.rel_pos_h) if attn.use_rel_pos else None
+    rw = get_rel_pos(W, W, attn.rel_pos_w) if attn.use_rel_pos else None
+    for b in range(B):
+        for h in range(nh):
+            q, k, v = heads[b, :, 0, h], heads[b, :, 1, h], heads[b, :, 2, h]  # (N, hd), row stride 3C
+            if rh is not None:  # add_decomposed_rel_pos's einsums, for one head
+                r_q = q.reshape(H, W, hd)
+                rel_h = torch.einsum("hwc,hkc->hwk", r_q, rh)
+                rel_w = torch.einsum("hwc,wkc->hwk", r_q, rw)
+            for y0 in range(0, H, rows):
+                r = min(rows, H - y0)
+                i0, i1 = y0 * W, (y0 + r) * W
+                scores = scratch.get("scores", 1, r * W, N)
+                if rh is not None:
+                    torch.add(rel_h[y0:y0 + r, :, :, None], rel_w[y0:y0 + r, :, None, :], out=scores.view(r, W, H, W))
+                _attend(q[None, i0:i1], k[None], v[None], scores, rh is not None, attn.scale, opts,
+                        out[b, i0:i1, h][None])
+    return out.view(B * N, C)
+
+
+def _splits(size: int, ws: int, nblocks: int):
+    """Positions ``0..size-1`` grouped as (window slice, within-window slice, position slice): the full
+    windows, then the partial last window if ``size`` is not a multiple of ``ws``."""
+    full = min(size // ws, nblocks)
+    out = []
+    if full:
+        out.append((slice(0, full), slice(0, ws), slice(0, full * ws)))
+    if full < nblocks and size > full * ws:
+        out.append((slice(full, full + 1), slice(0, size - full * ws), slice(full * ws, size)))
+    return out
+
+
+def _window_copy(windows: torch.Tensor, image: torch.Tensor, ws: int, to_windows: bool) -> None:
+    """Copy between ``windows`` laid out ``(nbh, ws, nbw, ws, ...)`` and the real ``(h, w, ...)`` pixels
+    ``image`` (``h <= nbh*ws``, ``w <= nbw*ws``; the rest of ``windows`` is padding, left alone)."""
+    nbh, nbw = windows.shape[0], windows.shape[2]
+    h, w = image.shape[0], image.shape[1]
+    tail = image.shape[2:]
+    for bi, ri, ys in _splits(h, ws, nbh):
+        for bj, rj, xs in _splits(w, ws, nbw):
+            win = windows[bi, ri, bj, rj]
+            img = image[ys, xs].view(*win.shape[:4], *tail)  # splitting dims of a slice is always a view
+            if to_windows:
+                win.copy_(img)
+            else:
+                img.copy_(win)
+
+
+def _window_attention(attn: Attention, xn: torch.Tensor, ws: int, scratch: _Scratch,
+                      opts: FastPathOptions) -> torch.Tensor:
+    """Attention inside ``ws x ws`` windows of the normalised tokens ``xn (B, H, W, C)``, with
+    segment_anything's zero padding to a multiple of ``ws``. A few rows of windows at a time: ``qkv`` of
+    their real tokens only (a zero-padded token's q, k, v is exactly the qkv bias, which is written
+    instead), then attention per (window, head). Returns the pre-projection output (B*H*W, C)."""
+    B, H, W, C = xn.shape
+    nh = attn.num_heads
+    hd, T = C // nh, ws * ws
+    ph, pw = (ws - H % ws) % ws, (ws - W % ws) % ws
+    nbh, nbw = (H + ph) // ws, (W + pw) // ws
+    out = scratch.get("attn_out", B, H, W, nh, hd)
+    pad_value = None
+    if ph or pw:
+        pad_value = (attn.qkv.bias.view(3, nh, hd) if attn.qkv.bias is not None
+                     else xn.new_zeros(3, nh, hd))
+    rh = get_rel_pos(ws, ws, attn.rel_pos_h) if attn.use_rel_pos else None
+    rw = get_rel_pos(ws, ws, attn.rel_pos_w) if attn.use_rel_pos else None
+    per_row = nbw * nh  # (window, head) pairs in one row of windows
+    rows = max(1, min(nbh, opts.chunk_bytes // (4 * per_row * T * T)))
+    for b in range(B):
+        for i0 in range(0, nbh, rows):
+            r = min(rows, nbh - i0)
+            n = r * per_row
+            y0, y1 = i0 * ws, min((i0 + r) * ws, H)
+            qkv = _linear_into(xn[b, y0:y1].reshape(-1, C), attn.qkv, scratch.get("qkv", (y1 - y0) * W, 3 * C))
+            src = qkv.view(y1 - y0, W, 3, nh, hd)
+            # (3, r, nbw, nh, ws, ws, hd), seen as pixels (r, ws, nbw, ws, 3, nh, hd)
+            heads = scratch.get("heads", 3, r, nbw, nh, ws, ws, hd)
+            pix = heads.permute(1, 4, 2, 5, 0, 3, 6)
+            if pad_value is not None:
+                if ph and i0 + r == nbh:
+                    pix[r - 1, ws - ph:] = pad_value
+                if pw:
+                    pix[:, :, nbw - 1, ws - pw:] = pad_value
+            _window_copy(pix, src, ws, to_windows=True)
+            q, k, v = heads.view(3, n, T, hd).unbind(0)
+            scores = scratch.get("scores", n, T, T)
+            if rh is not None:  # add_decomposed_rel_pos's einsums
+                r_q = q.reshape(n, ws, ws, hd)
+                rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh)
+                rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw)
+                torch.add(rel_h[:, :, :, :, None], rel_w[:, :, :, None, :], out=scores.view(n, ws, ws, ws, ws))
+            res = scratch.get("window_out", n, T, hd)
+            _attend(q, k, v, scores, rh is not None, attn.scale, opts, res)
+            # (r, nbw, nh, ws, ws, hd) -> pixels (r, ws, nbw, ws, nh, hd)
+            _window_copy(res.view(r, nbw, nh, ws, ws, hd).permute(0, 3, 1, 4, 2, 5), out[b, y0:y1], ws,
+                         to_windows=False)
+    return out.view(B * H * W, C)
+
+
+def _fast_block(blk: Block, x: torch.Tensor, scratch: _Scratch, opts: FastPathOptions) -> torch.Tensor:
+    """``Block.forward`` of segment_anything on contiguous ``x (B, H, W, C)``; returns a new tensor."""
+    B, H, W, C = x.shape
+    M = B * H * W
+    n1, n2 = blk.norm1, blk.norm2
+    xn = F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
+    if blk.window_size > 0:
+        a = _window_attention(blk.attn, xn, blk.window_size, scratch, opts)
+    else:
+        qkv = _linear_into(xn.view(M, C), blk.attn.qkv, scratch.get("qkv", M, 3 * C))
+        del xn
+        a = _global_attention(blk.attn, qkv, (B, H, W), scratch, opts)
+    y = F.linear(a, blk.attn.proj.weight, blk.attn.proj.bias)  # becomes the block's output
+    y.add_(x.view(M, C))  # shortcut + attn
+    mlp = blk.mlp
+    gelu = type(mlp.act) is nn.GELU
+    step = max(1, opts.mlp_tokens)
+    for i in range(0, M, step):
+        n = min(step, M - i)
+        yc = y[i:i + n]
+        hn = F.layer_norm(yc, n2.normalized_shape, n2.weight, n2.bias, n2.eps)
+        hidden = _linear_into(hn, mlp.lin1, scratch.get("mlp_hidden", n, mlp.lin1.out_features))
+        if gelu:
+            torch._C._nn.gelu_(hidden, approximate=mlp.act.approximate)
+        else:
+            hidden = mlp.act(hidden)
+        yc.add_(_linear_into(hidden, mlp.lin2, scratch.get("mlp_out", n, C)))
+    return y.view(B, H, W, C)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_backward_hooks", None)
+                or "forward" in module.__dict__)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)  # PyTorch >= 2.4
+    except TypeError:
+        cpu = torch.is_autocast_cpu_enabled() if device_type == "cpu" else False
+        return bool(torch.is_autocast_enabled() or cpu)
+
+
+def _global_hooks() -> bool:
+    m = torch.nn.modules.module
+    return bool(getattr(m, "_global_forward_hooks", None) or getattr(m, "_global_forward_pre_hooks", None))
 
 
 class ImageEncoder(ImageEncoderViT):
-    """``forward(x: (B, 3, S, S)) -> (embeddings (B, 256, S/16, S/16), early (B, S/16, S/16, embed_dim))``."""
+    """``forward(x: (B, 3, S, S)) -> (embeddings (B, 256, S/16, S/16), early (B, S/16, S/16, embed_dim))``.
+
+    Attributes:
+        fast_path: None (auto: fast path on CPU for float32), True or False; see the module docstring.
+        fast_options: :class:`FastPathOptions` of the fast path.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -22,8 +311,50 @@ class ImageEncoder(ImageEncoderViT):
         if not global_blocks:
             raise ValueError("the encoder needs at least one global-attention block")
         self.early_block = global_blocks[0]
+        self.fast_path: Optional[bool] = None
+        self.fast_options = FastPathOptions()
 
+    # -- which path ----------------------------------------------------------------------------------
+    def _blocks_are_plain(self) -> bool:
+        if _global_hooks():
+            return False
+        for blk in self.blocks:
+            if type(blk) is not Block or type(blk.attn) is not Attention or type(blk.mlp) is not MLPBlock:
+                return False
+            if type(blk.norm1) is not nn.LayerNorm or type(blk.norm2) is not nn.LayerNorm:
+                return False
+            if type(blk.mlp.lin1) is not nn.Linear or type(blk.mlp.lin2) is not nn.Linear:
+                return False
+            mods = (blk, blk.attn, blk.mlp, blk.norm1, blk.norm2, blk.attn.qkv, blk.attn.proj, blk.mlp.lin1,
+                    blk.mlp.lin2, blk.mlp.act)
+            if any(_has_hooks(m) for m in mods):
+                return False
+        return True
+
+    def path_for(self, x: torch.Tensor) -> str:
+        """``"fast"`` or ``"reference"``: the path :meth:`forward` takes for input ``x``."""
+        mode = self.fast_path
+        if os.environ.get(ENV_SWITCH, "").strip().lower() == "reference" or mode is False:
+            return "reference"
+        weight = self.pos_embed if self.pos_embed is not None else self.patch_embed.proj.weight
+        if mode is None and (x.device.type != "cpu" or weight.dtype != torch.float32):
+            return "reference"
+        if x.dtype != weight.dtype or x.device != weight.device:
+            return "reference"
+        if _autocast_on(x.device.type):
+            return "reference"
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return "reference"
+        return "fast" if self._blocks_are_plain() else "reference"
+
+    # -- forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.path_for(x) == "fast":
+            return self.forward_fast(x)
+        return self.forward_reference(x)
+
+    def forward_reference(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """segment_anything's eager blocks (differentiable, hook-friendly)."""
         x = self.patch_embed(x)
         if self.pos_embed is not None:
             x = x + self.pos_embed
@@ -32,4 +363,19 @@ class ImageEncoder(ImageEncoderViT):
             x = blk(x)
             if i == self.early_block:
                 early = x
+        return self.neck(x.permute(0, 3, 1, 2)), early
+
+    def forward_fast(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The fast path (inference only: no autograd through the in-place ops)."""
+        x = self.patch_embed(x)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        x = x.contiguous()
+        scratch = _Scratch(x)
+        early = None
+        for i, blk in enumerate(self.blocks):
+            x = _fast_block(blk, x, scratch, self.fast_options)
+            if i == self.early_block:
+                early = x
+        del scratch
         return self.neck(x.permute(0, 3, 1, 2)), early

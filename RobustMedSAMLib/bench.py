@@ -1,0 +1,517 @@
+"""Benchmark: ``robustmedsam bench`` or ``python -m RobustMedSAMLib.bench`` (``--help`` for options).
+
+Everything runs on seeded full-size ViT-B weights (``seeded.py``; ``--quick``: the tiny test configuration)
+and the same seeded input, and prints a Markdown table ready for the README (``--json`` keeps every raw
+number). Measured in one process, with warm-up runs and medians over ``--repeats`` runs:
+
+* **Encoder**: seconds per 1024 x 1024 slice of our encoder (fast path) and of segment_anything's eager
+  ``ImageEncoderViT`` holding the same weights, timed alternately (so machine load affects both alike),
+  their ratio, and the max abs difference of their embeddings and early (first global block) features.
+* **GEMM rate and FLOP floor**: the fp32 GEMM rate of this machine on transformer-like shapes (ViT-B's
+  ``4096 x 768 x 3072`` MLP, ``4096 x 3072 x 768``, ``4096 x 768 x 2304`` qkv; median of samples taken
+  before and between the encoder runs) and our encoder time divided by ``encoder FLOPs / GEMM rate``. Encoder FLOPs (multiply-add = 2 FLOPs), with N = (S/p)^2 tokens of
+  width C, depth L, G global blocks, windows of w x w (T = w^2 tokens, n_w windows after padding):
+
+  - patch embedding ``2 N C (3 p^2)``; neck ``2 N C 256 + 2 N 256 256 9``;
+  - per block: qkv, projection and MLP (ratio 4) ``2 N (3C^2 + C^2 + 8C^2) = 24 N C^2``;
+  - global attention ``4 N^2 C`` (q k^T and attn v over all heads) + rel-pos ``2 N (H + W) C``;
+  - windowed attention ``4 n_w T^2 C`` + rel-pos ``4 n_w T w C``.
+
+  ViT-B at 1024 x 1024: 0.94 TFLOP. Softmax, LayerNorm, GELU and copies are not counted (they are the
+  overhead the ratio shows).
+* **Prompt -> mask**: a box prompt on an already encoded slice (cached encoding, robust decoder) through
+  :class:`~RobustMedSAMLib.predictor.Predictor`, milliseconds.
+* **Propagation**: ``propagate`` over ``--slices`` slices (seed masks on the slices just outside them, so
+  every slice in between is predicted), against that many encoder passes.
+* **Peak resident memory** of each part, each measured in a fresh subprocess after its set-up (Linux:
+  ``VmHWM`` after resetting it through ``/proc/self/clear_refs``; elsewhere ``ru_maxrss`` of the
+  subprocess, set-up included). The process baseline (Python, PyTorch, weights) is shown separately.
+* **GPU** rows (only with CUDA): encoder time fp32 and under :func:`~RobustMedSAMLib.acceleration.autocast`,
+  batched encoding, and peak CUDA memory.
+
+Absolute numbers need an otherwise idle machine; the ratios within one run are robust to moderate load.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+PARTS = ("encoder-reference", "encoder-fast", "decoder", "propagation")
+GEMM_SHAPES = ((4096, 768, 3072), (4096, 3072, 768), (4096, 768, 2304))
+QUICK_GEMM_SHAPES = ((256, 128, 512),)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FLOPs, GEMM rate, timing, memory
+# ----------------------------------------------------------------------------------------------------------
+
+def encoder_flops(arch, batch: int = 1) -> Dict[str, float]:
+    """FLOPs of one encoder forward of ``batch`` images by part (formula in the module docstring)."""
+    side = arch.image_size // arch.patch_size
+    n, c, p = side * side, arch.embed_dim, arch.patch_size
+    w = arch.window_size
+    nw = math.ceil(side / w) ** 2 if w > 0 else 0
+    t = w * w
+    n_global = len(arch.global_attn_indexes)
+    n_window = arch.depth - n_global
+    out = {
+        "patch_embed": 2.0 * n * c * 3 * p * p,
+        "linear": arch.depth * 24.0 * n * c * c,
+        "global_attention": n_global * (4.0 * n * n * c + 2.0 * n * 2 * side * c),
+        "window_attention": n_window * (4.0 * nw * t * t * c + 4.0 * nw * t * w * c),
+        "neck": 2.0 * n * c * arch.prompt_dim + 2.0 * n * arch.prompt_dim * arch.prompt_dim * 9,
+    }
+    out = {k: v * batch for k, v in out.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def _median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1, sync: Callable[[], None] = lambda: None
+                 ) -> List[float]:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def gemm_rate(shapes: Sequence = GEMM_SHAPES, repeats: int = 5) -> Dict[str, Any]:
+    """fp32 GEMM rate in FLOP/s: total FLOPs / total median time over ``shapes`` (M, K, N)."""
+    gen = torch.Generator().manual_seed(0)
+    total_flops = total_time = 0.0
+    per_shape = {}
+    for m, k, n in shapes:
+        a = torch.randn(m, k, generator=gen)
+        b = torch.randn(n, k, generator=gen)
+        bias = torch.randn(n, generator=gen)
+        out = torch.empty(m, n)
+        times = _median_time(lambda: torch.addmm(bias, a, b.t(), out=out), max(3, repeats), warmup=2)
+        med = statistics.median(times)
+        per_shape[f"{m}x{k}x{n}"] = 2.0 * m * k * n / med
+        total_flops += 2.0 * m * k * n
+        total_time += med
+    return {"flops_per_s": total_flops / total_time, "per_shape": per_shape}
+
+
+class PeakMemory:
+    """Peak resident memory of this process since :meth:`reset` (Linux) or since start (elsewhere)."""
+
+    def __init__(self) -> None:
+        self.resettable = False
+
+    @staticmethod
+    def _status(field_name: str) -> Optional[int]:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(field_name + ":"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+    def current(self) -> Optional[int]:
+        return self._status("VmRSS")
+
+    def reset(self) -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.resettable = True
+        except OSError:
+            self.resettable = False
+        return self.resettable
+
+    def peak(self) -> Optional[int]:
+        hwm = self._status("VmHWM")
+        if hwm is not None:
+            return hwm
+        try:
+            import resource
+        except ImportError:  # Windows
+            return None
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# set-up shared by the parts
+# ----------------------------------------------------------------------------------------------------------
+
+def _model_name(quick: bool) -> str:
+    return "tiny" if quick else "robustmedsam"
+
+
+def _encoder_kwargs(arch) -> Dict[str, Any]:
+    """The ``ImageEncoderViT`` arguments of ``modeling.model.build_model``."""
+    return dict(depth=arch.depth, embed_dim=arch.embed_dim, img_size=arch.image_size, mlp_ratio=4,
+                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=arch.num_heads,
+                patch_size=arch.patch_size, qkv_bias=True, use_rel_pos=True,
+                global_attn_indexes=arch.global_attn_indexes, window_size=arch.window_size,
+                out_chans=arch.prompt_dim)
+
+
+def _seeded_encoder(kind: str, arch, seed: int = 0):
+    """segment_anything's ``ImageEncoderViT`` ("reference") or ours ("fast"), seeded like the full model."""
+    from segment_anything.modeling import ImageEncoderViT
+
+    from .modeling.image_encoder import ImageEncoder
+    from .seeded import seed_module
+
+    enc = (ImageEncoderViT if kind == "reference" else ImageEncoder)(**_encoder_kwargs(arch))
+    seed_module(enc, seed, prefix="image_encoder.")
+    return enc.eval()
+
+
+def _input(arch, device=None) -> torch.Tensor:
+    from .preprocess import Preprocessing, prepare_image
+    from .seeded import seeded_image
+
+    side = max(arch.image_size // 2, 64)
+    x, _ = prepare_image(seeded_image((side, side, 3), seed=3), Preprocessing("sam", arch.image_size), device)
+    return x
+
+
+def _ellipse(shape, frac: float = 0.25) -> np.ndarray:
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    return ((yy - h / 2) / (frac * h)) ** 2 + ((xx - w / 2) / (frac * w)) ** 2 <= 1.0
+
+
+def _volume(slices: int, side: int) -> np.ndarray:
+    from .seeded import seeded_image
+
+    return np.stack([seeded_image((side, side), seed=100 + z) for z in range(slices)])
+
+
+def _box_prompt(side: int):
+    from .prompts import Prompt
+
+    return Prompt(box=[side * 0.25, side * 0.3, side * 0.7, side * 0.75])
+
+
+def _run_propagation(predictor, slices: int, side: int):
+    """Propagate through ``slices`` slices between two seed slices; returns (seconds, result)."""
+    from .propagation import propagate
+    from .volume_segmentation import VolumeSegmenter
+
+    volume = _volume(slices + 2, side)
+    segmenter = VolumeSegmenter(predictor, volume, axis=0)
+    seed = _ellipse((side, side))
+    t0 = time.perf_counter()
+    result = propagate(segmenter, {0: seed, slices + 1: seed}, iou_threshold=0.0)
+    return time.perf_counter() - t0, result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# memory parts (each in a fresh subprocess)
+# ----------------------------------------------------------------------------------------------------------
+
+def run_part(part: str, quick: bool, slices: int) -> Dict[str, Any]:
+    """Set up ``part``, reset the peak, run it once; returns baseline/peak resident bytes."""
+    from .models import seeded_model
+    from .predictor import Predictor
+
+    mem = PeakMemory()
+    name = _model_name(quick)
+    if part in ("encoder-reference", "encoder-fast"):
+        from .models import get_config
+
+        arch = get_config(name).architecture
+        enc = _seeded_encoder("reference" if part == "encoder-reference" else "fast", arch)
+        x = _input(arch)
+
+        def job():
+            with torch.inference_mode():
+                enc(x)
+    elif part in ("decoder", "propagation"):
+        loaded = seeded_model(name)
+        predictor = Predictor(loaded)
+        side = max(loaded.config.architecture.image_size // 2, 64)
+        if part == "decoder":
+            image = _volume(1, side)[0]
+            predictor.set_image(image)
+            prompt = _box_prompt(side)
+
+            def job():
+                for _ in range(5):
+                    predictor.predict(prompt)
+        else:
+            def job():
+                _run_propagation(predictor, slices, side)
+    else:
+        raise ValueError(f"unknown part {part!r}; one of {PARTS}")
+    baseline = mem.current()
+    exact = mem.reset()
+    job()
+    return {"part": part, "baseline_bytes": baseline, "peak_bytes": mem.peak(), "peak_since_reset": exact}
+
+
+def measure_memory(quick: bool, slices: int, log: Callable[[str], None]) -> Dict[str, Any]:
+    out = {}
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    for part in PARTS:
+        log(f"memory: {part} (fresh subprocess)")
+        cmd = [sys.executable, "-m", "RobustMedSAMLib.bench", "--part", part, "--slices", str(slices),
+               "--threads", str(torch.get_num_threads())]
+        if quick:
+            cmd.append("--quick")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory part {part} failed:\n{proc.stderr[-2000:]}")
+        out[part] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the benchmark
+# ----------------------------------------------------------------------------------------------------------
+
+def _stats(times: List[float]) -> Dict[str, Any]:
+    return {"median": statistics.median(times), "min": min(times), "runs": times}
+
+
+def bench_encoder(loaded, repeats: int, log, gemm_shapes: Sequence = GEMM_SHAPES) -> Dict[str, Any]:
+    """Our encoder vs segment_anything's eager encoder, same weights and input, alternating runs; the GEMM
+    rate is sampled between the runs too (so the FLOP floor is measured under the same machine load)."""
+    from segment_anything.modeling import ImageEncoderViT
+
+    arch = loaded.config.architecture
+    ours = loaded.model.image_encoder
+    ref = ImageEncoderViT(**_encoder_kwargs(arch)).eval()
+    ref.load_state_dict(ours.state_dict())
+    x = _input(arch)
+    captured = {}
+    hook = ref.blocks[ours.early_block].register_forward_hook(lambda m, i, o: captured.__setitem__("early", o))
+    gemm_samples = [gemm_rate(gemm_shapes, repeats=3)["flops_per_s"]]
+    wall = {"reference": [], "ours": []}
+    cpu = {"reference": [], "ours": []}
+    outputs = {}
+    try:
+        with torch.inference_mode():
+            path = ours.path_for(x)
+
+            def run(kind):
+                t0, c0 = time.perf_counter(), time.process_time()
+                if kind == "ours":
+                    outputs["ours"] = ours(x)
+                else:
+                    outputs["reference"] = (ref(x), captured["early"])
+                return time.perf_counter() - t0, time.process_time() - c0
+
+            log("encoder: warm-up")
+            run("reference")
+            run("ours")
+            for r in range(repeats):
+                for kind in (("reference", "ours") if r % 2 == 0 else ("ours", "reference")):
+                    w, c = run(kind)
+                    wall[kind].append(w)
+                    cpu[kind].append(c)
+                    log(f"encoder {kind}: {w:.2f} s (cpu {c:.2f} s)")
+                gemm_samples.append(gemm_rate(gemm_shapes, repeats=3)["flops_per_s"])
+    finally:
+        hook.remove()
+    (emb_o, early_o), (emb_r, early_r) = outputs["ours"], outputs["reference"]
+    features = None
+    if loaded.model.has_robust_decoder:  # the decoder's image-only branches: also computed once per slice
+        with torch.inference_mode():
+            features = _stats(_median_time(lambda: loaded.model.mask_decoder.image_features(emb_o, early_o),
+                                           repeats, warmup=1))
+    diff_emb = float((emb_o.double() - emb_r.double()).abs().max())
+    diff_early = float((early_o.double() - early_r.double()).abs().max())
+    return {"path": path, "reference": _stats(wall["reference"]), "ours": _stats(wall["ours"]),
+            "reference_cpu": _stats(cpu["reference"]), "ours_cpu": _stats(cpu["ours"]),
+            "speedup": statistics.median(wall["reference"]) / statistics.median(wall["ours"]),
+            "robust_features": features, "gemm_samples": gemm_samples,
+            "max_abs_diff_embeddings": diff_emb, "max_abs_diff_early": diff_early}
+
+
+def bench_decoder(loaded, repeats: int) -> Dict[str, Any]:
+    from .predictor import Predictor
+
+    predictor = Predictor(loaded)
+    side = max(loaded.config.architecture.image_size // 2, 64)
+    image = _volume(1, side)[0]
+    predictor.set_image(image)
+    prompt = _box_prompt(side)
+    times = _median_time(lambda: predictor.predict(prompt), max(5, 3 * repeats), warmup=2)
+    pred = predictor.predict(prompt)
+    return {**_stats(times), "encoder_calls": predictor.encoder_calls, "mask_pixels": int(pred.mask.sum())}
+
+
+def bench_propagation(loaded, slices: int, encoder_seconds: float, features_seconds: float = 0.0
+                      ) -> Dict[str, Any]:
+    from .predictor import Predictor
+
+    predictor = Predictor(loaded)
+    side = max(loaded.config.architecture.image_size // 2, 64)
+    seconds, result = _run_propagation(predictor, slices, side)
+    calls = predictor.encoder_calls
+    return {"seconds": seconds, "slices": slices, "predicted": len(result.predicted), "encoder_calls": calls,
+            "per_slice": seconds / max(1, len(result.predicted)),
+            "vs_encoder": seconds / (max(1, calls) * encoder_seconds),
+            "vs_encoder_and_features": seconds / (max(1, calls) * (encoder_seconds + features_seconds)),
+            "cache_bytes": predictor.cache.bytes}
+
+
+def bench_gpu(loaded, repeats: int, log) -> Optional[Dict[str, Any]]:
+    if not torch.cuda.is_available():
+        return None
+    from .acceleration import autocast, encode_batched
+
+    model = loaded.model.to("cuda")
+    x = _input(loaded.config.architecture)
+    xc = x.cuda()
+    sync = torch.cuda.synchronize
+    out: Dict[str, Any] = {"device": torch.cuda.get_device_name()}
+    with torch.inference_mode():
+        torch.cuda.reset_peak_memory_stats()
+        out["encoder_fp32"] = _stats(_median_time(lambda: model.image_encoder(xc), repeats, 2, sync))
+        out["peak_fp32_bytes"] = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with autocast("cuda"):
+            out["encoder_autocast"] = _stats(_median_time(lambda: model.image_encoder(xc), repeats, 2, sync))
+        out["peak_autocast_bytes"] = torch.cuda.max_memory_allocated()
+    batch = [x[0]] * 4
+    times = _median_time(lambda: encode_batched(model, batch, 4), repeats, 1, sync)
+    out["encode_batched_4_per_slice"] = statistics.median(times) / 4
+    log("gpu: done")
+    model.to("cpu")
+    return out
+
+
+def run_benchmark(quick: bool = False, slices: int = 4, repeats: int = 3, memory: bool = True,
+                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> Dict[str, Any]:
+    from .models import seeded_model
+
+    if slices < 1 or repeats < 1:
+        raise ValueError("--slices and --repeats must be >= 1")
+    name = _model_name(quick)
+    log(f"building seeded model {name}")
+    loaded = seeded_model(name, device="cpu")
+    arch = loaded.config.architecture
+    res: Dict[str, Any] = {
+        "config": {"model": name, "quick": quick, "slices": slices, "repeats": repeats,
+                   "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                   "machine": platform.processor() or platform.machine(), "python": platform.python_version()}}
+    shapes = QUICK_GEMM_SHAPES if quick else GEMM_SHAPES
+    log("gemm rate")
+    res["gemm"] = gemm_rate(shapes, repeats=max(3, repeats))
+    res["encoder"] = bench_encoder(loaded, repeats, log, shapes)
+    res["gemm"]["flops_per_s"] = statistics.median([res["gemm"]["flops_per_s"]] + res["encoder"]["gemm_samples"])
+    flops = encoder_flops(arch)
+    floor = flops["total"] / res["gemm"]["flops_per_s"]
+    res["flops"] = {**flops, "floor_seconds": floor, "ours_vs_floor": res["encoder"]["ours"]["median"] / floor,
+                    "reference_vs_floor": res["encoder"]["reference"]["median"] / floor}
+    log("prompt -> mask latency")
+    res["decoder"] = bench_decoder(loaded, repeats)
+    log(f"propagation over {slices} slices")
+    feats = res["encoder"]["robust_features"]
+    res["propagation"] = bench_propagation(loaded, slices, res["encoder"]["ours"]["median"],
+                                           feats["median"] if feats else 0.0)
+    res["gpu"] = bench_gpu(loaded, repeats, log)
+    res["memory"] = measure_memory(quick, slices, log) if memory else None
+    return res
+
+
+def _gb(n: Optional[int]) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GB"
+
+
+def format_table(res: Dict[str, Any]) -> str:
+    """A Markdown table of the main figures."""
+    c, e, f, g = res["config"], res["encoder"], res["flops"], res["gemm"]
+    d, p = res["decoder"], res["propagation"]
+    size = "tiny test model" if c["quick"] else "ViT-B, 1024 x 1024"
+    rows = [
+        ("encoder, segment_anything eager (s / slice)", f"{e['reference']['median']:.2f}"),
+        (f"encoder, ours ({e['path']} path) (s / slice)", f"{e['ours']['median']:.2f}"),
+        ("encoder speed-up (same run)", f"{e['speedup']:.2f}x (CPU time {e['reference_cpu']['median']:.1f} s"
+                                        f" vs {e['ours_cpu']['median']:.1f} s)"),
+        ("max abs difference: embeddings / early features",
+         f"{e['max_abs_diff_embeddings']:.1e} / {e['max_abs_diff_early']:.1e}"),
+        ("fp32 GEMM rate (transformer shapes)", f"{g['flops_per_s'] / 1e9:.0f} GFLOP/s"),
+        ("encoder FLOPs -> FLOP floor", f"{f['total'] / 1e9:.4g} GFLOP -> {f['floor_seconds']:.3g} s"),
+        ("encoder time / FLOP floor: ours / reference", f"{f['ours_vs_floor']:.2f}x / {f['reference_vs_floor']:.2f}x"),
+        ("prompt -> mask on a cached slice (robust decoder)", f"{d['median'] * 1e3:.0f} ms"),
+    ]
+    if e.get("robust_features"):
+        rows.append(("robust decoder image features, once per slice (s)", f"{e['robust_features']['median']:.2f}"))
+    rows.append((f"propagation over {p['slices']} slices ({p['encoder_calls']} encoded)",
+                 f"{p['seconds']:.1f} s = {p['vs_encoder']:.2f}x encoder time"
+                 f" ({p['vs_encoder_and_features']:.2f}x encoder + features)"))
+    mem = res.get("memory")
+    if mem:
+        base = mem["encoder-fast"]["baseline_bytes"]
+        rows.append(("peak RSS: encoder reference / ours",
+                     f"{_gb(mem['encoder-reference']['peak_bytes'])} / {_gb(mem['encoder-fast']['peak_bytes'])}"
+                     f" (before the pass: {_gb(base)})"))
+        rows.append(("peak RSS: prompt -> mask / propagation (full model)",
+                     f"{_gb(mem['decoder']['peak_bytes'])} / {_gb(mem['propagation']['peak_bytes'])}"
+                     f" (model loaded: {_gb(mem['propagation']['baseline_bytes'])})"))
+    gpu = res.get("gpu")
+    if gpu:
+        rows.append((f"GPU encoder fp32 / autocast ({gpu['device']})",
+                     f"{gpu['encoder_fp32']['median'] * 1e3:.0f} / {gpu['encoder_autocast']['median'] * 1e3:.0f} ms"))
+        rows.append(("GPU batched encoding (4) per slice; peak CUDA memory fp32 / autocast",
+                     f"{gpu['encode_batched_4_per_slice'] * 1e3:.0f} ms; {_gb(gpu['peak_fp32_bytes'])} / "
+                     f"{_gb(gpu['peak_autocast_bytes'])}"))
+    head = (f"Benchmark ({size}; torch {c['torch']}, {c['threads']} threads, {c['cpus']} CPUs; "
+            f"medians of {c['repeats']} runs)")
+    lines = [head, "", "| measure | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="robustmedsam bench", description=__doc__.split("\n")[0])
+    p.add_argument("--slices", type=int, default=4, help="slices to propagate through (default 4)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (default 3)")
+    p.add_argument("--json", type=Path, help="also write every number to this JSON file")
+    p.add_argument("--quick", action="store_true", help="tiny model: a smoke test in seconds")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's choice)")
+    p.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.part:
+            print(json.dumps(run_part(args.part, args.quick, args.slices)))
+            return 0
+        res = run_benchmark(args.quick, args.slices, args.repeats, memory=not args.no_memory)
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside another program (the CLI, tests)
+    print(format_table(res))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

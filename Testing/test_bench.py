@@ -1,0 +1,78 @@
+"""The benchmark: FLOP formula, and a smoke run of ``robustmedsam bench --quick`` (tiny model; no timing
+assertions -- the performance goals are read from the real benchmark's output)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from RobustMedSAMLib import bench
+from RobustMedSAMLib.cli import main as cli_main
+from RobustMedSAMLib.modeling import TINY, VIT_B
+
+
+def test_encoder_flops_formula():
+    f = bench.encoder_flops(VIT_B)
+    n, c = 64 * 64, 768
+    assert f["linear"] == 12 * 24 * n * c * c
+    assert f["global_attention"] == 4 * (4 * n * n * c + 2 * n * 128 * c)
+    assert f["window_attention"] == 8 * (4 * 25 * 196 ** 2 * c + 4 * 25 * 196 * 14 * c)  # 64 -> 5 x 5 windows of 14
+    assert 0.93e12 < f["total"] < 0.95e12  # REFERENCE.md: about 0.94 TFLOP per slice
+    assert bench.encoder_flops(VIT_B, batch=2)["total"] == 2 * f["total"]
+    tiny = bench.encoder_flops(TINY)
+    assert tiny["window_attention"] == 2 * 4 * 16 * 16 ** 2 * 64 + 2 * 4 * 16 * 16 * 4 * 64  # 16 windows of 4 x 4
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    buf = StringIO()
+    with redirect_stdout(buf):
+        code = cli_main(["bench", "--quick", "--repeats", "1", "--slices", "2", "--threads", "1", "--json", str(out)])
+    return code, buf.getvalue(), json.loads(out.read_text())
+
+
+def test_bench_quick_smoke(quick_run):
+    code, table, res = quick_run
+    assert code == 0
+    assert table.startswith("Benchmark (tiny test model") and "| encoder speed-up (same run) |" in table
+    assert res["config"]["quick"] and res["config"]["slices"] == 2
+    enc = res["encoder"]
+    assert enc["path"] == "fast"
+    assert enc["max_abs_diff_embeddings"] <= 1e-4 and enc["max_abs_diff_early"] <= 1e-4
+    assert len(enc["ours"]["runs"]) == 1 and enc["speedup"] > 0
+    assert res["gemm"]["flops_per_s"] > 1e8 and len(enc["gemm_samples"]) == 2
+    assert res["flops"]["total"] == bench.encoder_flops(TINY)["total"]
+    assert res["flops"]["ours_vs_floor"] == pytest.approx(enc["ours"]["median"] / res["flops"]["floor_seconds"])
+    assert res["decoder"]["encoder_calls"] == 1 and res["decoder"]["median"] > 0
+    prop = res["propagation"]
+    assert prop["predicted"] >= 1 and prop["encoder_calls"] == prop["predicted"] <= 2
+    assert res["gpu"] is None or "encoder_fp32" in res["gpu"]
+
+
+def test_bench_memory_parts(quick_run):
+    _, table, res = quick_run
+    mem = res["memory"]
+    assert set(mem) == set(bench.PARTS)
+    for part, m in mem.items():
+        assert m["part"] == part
+        if m["peak_bytes"] is not None and m["baseline_bytes"] is not None:
+            assert m["peak_bytes"] >= m["baseline_bytes"] > 50 * 2**20
+    assert "peak RSS: encoder reference / ours" in table
+
+
+def test_module_entry_point_help():
+    proc = subprocess.run([sys.executable, "-m", "RobustMedSAMLib.bench", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--slices" in proc.stdout and "--quick" in proc.stdout
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        bench.run_benchmark(quick=True, slices=0)
+    with pytest.raises(ValueError):
+        bench.run_part("nonsense", True, 1)
