@@ -132,18 +132,23 @@ class RobustMaskDecoder(MaskDecoder):
         upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
 
         selected = range(1, self.num_mask_tokens) if multimask_output else range(0, 1)
-        mask_features = None
-        if need_features:
-            mask_features = self.fourier_mask_features(upscaled, robust=robust) + _expand(image_features, b)
         if robust:
             hyper = [self.robust_mlp(self.custom_token_block(mask_tokens_out[:, i])) for i in selected]
-            features = mask_features
         else:
             hyper = [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i]) for i in selected]
-            features = upscaled
         hyper_in = torch.stack(hyper, dim=1)  # (B, C, 32)
-        bf, cf, hf, wf = features.shape
-        masks = (hyper_in @ features.reshape(bf, cf, hf * wf)).reshape(b, -1, hf, wf)
+        h, w = upscaled.shape[-2:]
+        mask_features = None
+        if return_features and self.has_robust_modules:
+            mask_features = self.fourier_mask_features(upscaled, robust=robust) + _expand(image_features, b)
+        if robust and mask_features is None:
+            # masks = hyper @ (mask features + image features), with the mask-feature block's last conv folded
+            # into the projection (RobustMaskDecoder never needs the 32 feature channels themselves here)
+            image_term = hyper_in @ _expand(image_features, b).reshape(b, -1, h * w)
+            masks = self.fourier_mask_features.projected(upscaled, hyper_in) + image_term.view(b, -1, h, w)
+        else:
+            features = mask_features if robust else upscaled
+            masks = (hyper_in @ features.reshape(b, -1, h * w)).reshape(b, -1, h, w)
         iou = self.iou_prediction_head(iou_token_out)[:, list(selected)]
         if return_features:
             return DecoderOutput(masks, iou, mask_features, mask_tokens_out)

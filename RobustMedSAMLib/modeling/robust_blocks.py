@@ -142,18 +142,28 @@ class DNCBlock(nn.Module):
 
 
 class FGMBlock(nn.Module):
-    """Fourier block: a 1x1 conv on the FFT magnitude; phase kept; real part of the inverse FFT."""
+    """Fourier block: a 1x1 conv on the FFT magnitude; phase kept; real part of the inverse FFT.
+
+    Computed on the half spectrum (``rfft2``/``irfft2``): the magnitude of a real signal's spectrum is
+    symmetric (``|F(-k)| = |F(k)|``) and a 1x1 conv acts on each frequency separately, so the new spectrum
+    keeps Hermitian symmetry and the official ``real(ifft2(...))`` equals ``irfft2`` of its half. The phase
+    factor ``F / |F|`` (1 where ``F = 0``, as ``angle(0) = 0``) replaces ``cos(angle), sin(angle)``, so the new
+    spectrum is ``F * (conv(|F|) / |F|)``.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv_layer = nn.Conv2d(2 * channels, 2 * channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spectrum = torch.fft.fft2(x, dim=(-2, -1))
-        magnitude = self.conv_layer(spectrum.abs())
-        phase = torch.angle(spectrum)
-        spectrum = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
-        return torch.fft.ifft2(spectrum, dim=(-2, -1)).real
+        spectrum = torch.fft.rfft2(x, dim=(-2, -1))
+        magnitude = spectrum.abs()
+        modified = self.conv_layer(magnitude)
+        zero = magnitude == 0
+        if bool(zero.any()):  # angle(0) = 0: there the new spectrum is the (real) new magnitude
+            spectrum = torch.where(zero, torch.ones_like(spectrum), spectrum)
+            magnitude = torch.where(zero, torch.ones_like(magnitude), magnitude)
+        return torch.fft.irfft2(spectrum * (modified / magnitude), s=x.shape[-2:], dim=(-2, -1))
 
 
 class FeatureBlock(nn.Module):
@@ -183,6 +193,24 @@ class FeatureBlock(nn.Module):
         if robust:
             x = self.conv_layer(self.fgm_block(self.dnc_block_combined(x)))
         return self.upsample_layer(x) if self.head == "upsample" else self.downsample_layer(x)
+
+    def projected(self, x: torch.Tensor, hyper: torch.Tensor, robust: bool = True) -> torch.Tensor:
+        """``hyper @ forward(x)`` per pixel, for a "downsample" block: ``x (B, c, H, W)``, ``hyper (B, K, c)`` ->
+        ``(B, K, H, W)``.
+
+        The head's last layer is a 3x3 conv (2c -> c) followed only by this projection, so both fold into one
+        2c -> K conv per sample (weights ``hyper @ W``, bias ``hyper @ b``): the same numbers as projecting
+        the full output, without computing its c channels.
+        """
+        if robust:
+            x = self.conv_layer(self.fgm_block(self.dnc_block_combined(x)))
+        last = self.downsample_layer[-1]
+        g = self.downsample_layer[:-1](x)
+        b, k, _ = hyper.shape
+        weight = torch.einsum("bkc,cihw->bkihw", hyper, last.weight).reshape(b * k, *last.weight.shape[1:])
+        bias = (hyper @ last.bias).reshape(b * k)
+        out = F.conv2d(g.reshape(1, -1, *g.shape[-2:]), weight, bias, padding=last.padding, groups=b)
+        return out.view(b, k, *g.shape[-2:])
 
 
 class TokenBlock(nn.Module):
