@@ -177,14 +177,34 @@ class Predictor:
         return self._encode_and_store(image, key)
 
     def _encode_and_store(self, image: np.ndarray, key: str) -> ImageEncoding:
-        x, _ = prepare_image(image, self.prep, self.model.device)
-        with self._model_lock, torch.inference_mode():
-            self.encoder_calls += 1
-            encoding = self.model.encode(x, robust=self.robust)
-        if self.robust:
-            encoding.early = None  # the cached robust features replace it
-        self.cache.put(key, encoding)
-        return encoding
+        return self._encode_many([image], [key], batch_size=1)[0]
+
+    def _encode_many(self, images: Sequence[np.ndarray], keys: Sequence[str], batch_size: int) -> List[ImageEncoding]:
+        """Encode images in batches (``acceleration.encode_batched``: autocast, pinned memory and
+        out-of-memory recovery on CUDA; plain float32 on the CPU) and cache each encoding."""
+        from .acceleration import encode_batched
+
+        inputs = [prepare_image(image, self.prep)[0] for image in images]  # on the host
+        with self._model_lock:
+            self.encoder_calls += len(inputs)
+            encodings = encode_batched(self.model, inputs, batch_size, robust=self.robust)
+        for key, encoding in zip(keys, encodings):
+            if self.robust:
+                encoding.early = None  # the cached robust features replace it
+            self.cache.put(key, encoding)
+        return encodings
+
+    def encode_many(self, images: Sequence[np.ndarray], context: str = "", batch_size: int = 4) -> int:
+        """Encode the images that are not cached yet, ``batch_size`` at a time (GPU batch runs and
+        propagation lookahead); returns how many were encoded."""
+        todo = {}
+        for image in images:
+            key = self.key(image, context)
+            if key not in self.cache and key not in todo:
+                todo[key] = image
+        if todo:
+            self._encode_many(list(todo.values()), list(todo), batch_size)
+        return len(todo)
 
     def prefetch(self, image: np.ndarray, context: str = "") -> Future:
         """Encode ``image`` in a background thread (no-op if cached); returns a Future."""

@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .intensity import WindowLike, intensity_mapping
+from .acceleration import LookaheadPlanner
 from .predictor import Predictor
 from .prompt_files import ObjectPrompts
 from .prompts import Prediction, Prompt
@@ -44,9 +45,11 @@ class VolumeSegmenter:
         predictor: the cached predictor (shared across objects and runs).
         images: ``(K, J, I)`` uint8 volume (already intensity-mapped).
         axis: 0/1/2 = k/j/i (docs/coordinates.md); slices ``images.take(index, axis)``.
+        lookahead: slices encoded together when propagation reaches an unencoded slice (the next ones in the
+            same direction); default 4 on CUDA, 1 (no lookahead: encode only what is reached) elsewhere.
     """
 
-    def __init__(self, predictor: Predictor, images: np.ndarray, axis: int) -> None:
+    def __init__(self, predictor: Predictor, images: np.ndarray, axis: int, lookahead: Optional[int] = None) -> None:
         if images.ndim != 3 or images.dtype != np.uint8:
             raise ValueError(f"expected a (K, J, I) uint8 volume, got {images.shape} {images.dtype}")
         self.predictor = predictor
@@ -54,6 +57,12 @@ class VolumeSegmenter:
         self.axis = int(axis)
         self.num_slices = images.shape[self.axis]
         self.slice_shape: Tuple[int, int] = tuple(s for a, s in enumerate(images.shape) if a != self.axis)
+        device = getattr(getattr(predictor, "model", None), "device", "cpu")
+        if lookahead is None:
+            self.planner = LookaheadPlanner.for_device(device, self.num_slices)
+        else:
+            self.planner = LookaheadPlanner(self.num_slices, max(1, int(lookahead)))
+        self._last_index: Optional[int] = None
 
     def image(self, index: int) -> np.ndarray:
         """Slice ``index`` as an ``(H, W)`` uint8 image (rows/columns per docs/coordinates.md)."""
@@ -64,6 +73,13 @@ class VolumeSegmenter:
         return f"axis={self.axis}"
 
     def predict_slice(self, index: int, prompt: Prompt, multimask: bool = False) -> Prediction:
+        step = index - self._last_index if self._last_index is not None else 1
+        self._last_index = index
+        if self.planner.batch_size > 1 and abs(step) == 1:
+            cached = lambda z: self.predictor.key(self.image(z), self.context) in self.predictor.cache  # noqa: E731
+            todo = self.planner.plan(index, step, cached)
+            if len(todo) > 1:
+                self.predictor.encode_many([self.image(z) for z in todo], self.context, self.planner.batch_size)
         pred = self.predictor.predict(prompt, multimask=multimask, image=self.image(index), context=self.context)
         return pred.select(pred.best) if multimask else pred
 

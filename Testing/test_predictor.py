@@ -151,3 +151,16 @@ def test_batchnorm_mode_is_part_of_the_cache_key(tiny_model):
         assert not np.allclose(a.logits, b.logits, atol=1e-3)
     finally:
         tiny_model.model.set_batchnorm_mode("running")
+
+
+def test_encode_many_batches_and_matches_single_encodings(tiny_model):
+    images = [seeded_image((120, 200), s) for s in range(5)]
+    batched = Predictor(tiny_model)
+    assert batched.encode_many(images + images[:2], batch_size=3) == 5  # duplicates and cached ones skipped
+    assert batched.encoder_calls == 5 and batched.encode_many(images) == 0
+    single = Predictor(tiny_model)
+    for img in images:
+        a = batched.predict(PROMPTS[0], image=img)
+        b = single.predict(PROMPTS[0], image=img)
+        np.testing.assert_allclose(a.logits, b.logits, atol=1e-4)
+    assert batched.encoder_calls == 5

@@ -171,3 +171,28 @@ def test_overlapping_objects_are_kept_in_seg_nrrd_layers(variants, tmp_path):
         VolumeResult(objects, 0).write(tmp_path / "two.nii.gz", volume)
     back = read_segmentation(tmp_path / "two.nii.gz").labels
     assert (back == 2).sum() == b.sum() and (back == 1).sum() == (a & ~b).sum()
+
+
+def test_gpu_style_lookahead_encodes_ahead_and_gives_the_same_result(tiny_model):
+    """With a lookahead (4 on CUDA), slices are encoded in batches in the propagation direction; the
+    segmentation is the same as encoding one reached slice at a time."""
+    from RobustMedSAMLib.predictor import Predictor
+    from RobustMedSAMLib.volume_segmentation import VolumeSegmenter, segment_object
+
+    k, j, i = np.mgrid[:10, :64, :64]
+    images = np.clip(60 + 120 * (((j - 32) / 18) ** 2 + ((i - 30) / 14) ** 2 < 1) + 3 * k, 0, 255).astype(np.uint8)
+    obj = ObjectPrompts("blob", None, {5: Prompt(box=[14, 12, 46, 52])})
+    results = {}
+    for lookahead in (1, 3):
+        predictor = Predictor(tiny_model)
+        sizes = []
+        original = predictor._encode_many
+        predictor._encode_many = lambda imgs, keys, bs, _o=original: (sizes.append(len(imgs)), _o(imgs, keys, bs))[1]
+        segmenter = VolumeSegmenter(predictor, images, 0, lookahead=lookahead)
+        stack, _, prop = segment_object(segmenter, obj, iou_threshold=0.0)
+        results[lookahead] = (stack, predictor.encoder_calls, prop)
+        assert max(sizes) == lookahead
+    np.testing.assert_array_equal(results[1][0], results[3][0])
+    reached = len(results[1][2].predicted) + 1  # every predicted slice plus the seed slice
+    assert results[1][1] == reached
+    assert reached <= results[3][1] <= reached + 2 * 2  # at most lookahead-1 wasted slices per direction
