@@ -187,7 +187,8 @@ def test_gpu_style_lookahead_encodes_ahead_and_gives_the_same_result(tiny_model)
         predictor = Predictor(tiny_model)
         sizes = []
         original = predictor._encode_many
-        predictor._encode_many = lambda imgs, keys, bs, _o=original: (sizes.append(len(imgs)), _o(imgs, keys, bs))[1]
+        predictor._encode_many = lambda imgs, keys, batch_size, _o=original: (sizes.append(len(imgs)),
+                                                                         _o(imgs, keys, batch_size))[1]
         segmenter = VolumeSegmenter(predictor, images, 0, lookahead=lookahead)
         stack, _, prop = segment_object(segmenter, obj, iou_threshold=0.0)
         results[lookahead] = (stack, predictor.encoder_calls, prop)
