@@ -262,7 +262,9 @@ def run_part(part: str, quick: bool, slices: int) -> Dict[str, Any]:
     baseline = mem.current()
     exact = mem.reset()
     job()
-    return {"part": part, "baseline_bytes": baseline, "peak_bytes": mem.peak(), "peak_since_reset": exact}
+    cached = predictor.cache.bytes if part in ("decoder", "propagation") else 0
+    return {"part": part, "baseline_bytes": baseline, "peak_bytes": mem.peak(), "peak_since_reset": exact,
+            "cache_bytes": cached}
 
 
 def measure_memory(quick: bool, slices: int, log: Callable[[str], None]) -> Dict[str, Any]:
@@ -356,7 +358,20 @@ def bench_decoder(loaded, repeats: int) -> Dict[str, Any]:
     prompt = _box_prompt(side)
     times = _median_time(lambda: predictor.predict(prompt), max(5, 3 * repeats), warmup=2)
     pred = predictor.predict(prompt)
-    return {**_stats(times), "encoder_calls": predictor.encoder_calls, "mask_pixels": int(pred.mask.sum())}
+    return {**_stats(times), "encoder_calls": predictor.encoder_calls, "mask_pixels": int(pred.mask.sum()),
+            "flops": counted_flops(lambda: predictor.predict(prompt))}
+
+
+def counted_flops(fn: Callable[[], Any]) -> Optional[float]:
+    """FLOPs of the matrix products and convolutions ``fn`` runs (``torch.utils.flop_counter``; FFTs and
+    element-wise work are not counted, so ``flops / GEMM rate`` is a lower bound on the time)."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError:  # PyTorch < 2.1
+        return None
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
 
 
 def bench_propagation(loaded, slices: int, encoder_seconds: float, features_seconds: float = 0.0
@@ -455,6 +470,10 @@ def format_table(res: Dict[str, Any]) -> str:
         ("encoder time / FLOP floor: ours / reference", f"{f['ours_vs_floor']:.2f}x / {f['reference_vs_floor']:.2f}x"),
         ("prompt -> mask on a cached slice (robust decoder)", f"{d['median'] * 1e3:.0f} ms"),
     ]
+    if d.get("flops"):
+        floor_ms = d["flops"] / g["flops_per_s"] * 1e3
+        rows.append(("prompt -> mask FLOPs (convolutions, GEMMs) -> FLOP floor; time / floor",
+                     f"{d['flops'] / 1e9:.1f} GFLOP -> {floor_ms:.0f} ms; {d['median'] * 1e3 / floor_ms:.2f}x"))
     if e.get("robust_features"):
         rows.append(("robust decoder image features, once per slice (s)", f"{e['robust_features']['median']:.2f}"))
     rows.append((f"propagation over {p['slices']} slices ({p['encoder_calls']} encoded)",
@@ -469,6 +488,9 @@ def format_table(res: Dict[str, Any]) -> str:
         rows.append(("peak RSS: prompt -> mask / propagation (full model)",
                      f"{_gb(mem['decoder']['peak_bytes'])} / {_gb(mem['propagation']['peak_bytes'])}"
                      f" (model loaded: {_gb(mem['propagation']['baseline_bytes'])})"))
+        held = mem["propagation"].get("cache_bytes") or 0
+        rows.append(("peak RSS of the propagation without its cached encodings",
+                     f"{_gb(mem['propagation']['peak_bytes'] - held)} ({_gb(held)} cached)"))
     gpu = res.get("gpu")
     if gpu:
         rows.append((f"GPU encoder fp32 / autocast ({gpu['device']})",

@@ -105,6 +105,17 @@ class LoadedModel:
         return f"{self.config.name}|{src}|{self.config.preprocessing}|{self.metadata.get('seed', '')}"
 
 
+def _to_device(model, device) -> None:
+    """Move ``model`` to the chosen device; on the CPU also tune glibc's allocator (``allocator.py``)."""
+    from .allocator import tune_cpu_allocator
+    from .device import select_device
+
+    dev = select_device(device)
+    if dev.type == "cpu":
+        tune_cpu_allocator()
+    model.to(dev)
+
+
 def load_model(name: Optional[str] = None, checkpoint: Optional[os.PathLike] = None, *, device=None,
                preprocessing: Optional[str] = None, batchnorm: str = "running", allow_download: bool = True,
                progress: Optional[Callable[[int, Optional[int]], None]] = None,
@@ -120,7 +131,6 @@ def load_model(name: Optional[str] = None, checkpoint: Optional[os.PathLike] = N
         batchnorm: "running" (default) or "per_sample" (the official RobustSAM eval scripts' behaviour).
     """
     from . import checkpoints
-    from .device import select_device
     from .modeling.model import build_model
 
     if name is None and checkpoint is None:
@@ -150,14 +160,13 @@ def load_model(name: Optional[str] = None, checkpoint: Optional[os.PathLike] = N
     checkpoints.load_into(model, state, path)
     del state
     model.set_batchnorm_mode(batchnorm)
-    model.to(select_device(device))
+    _to_device(model, device)
     return LoadedModel(model, config, path, metadata)
 
 
 def seeded_model(name: str = "tiny", seed: int = 0, device=None, robust_decoder: Optional[bool] = None
                  ) -> LoadedModel:
     """A model of configuration ``name`` with seeded weights (``seeded.py``): for tests and benchmarks."""
-    from .device import select_device
     from .modeling.model import build_model
     from .seeded import seed_module
 
@@ -167,5 +176,5 @@ def seeded_model(name: str = "tiny", seed: int = 0, device=None, robust_decoder:
                          robust=robust_decoder)
     model = build_model(config.architecture)
     seed_module(model, seed)
-    model.to(select_device(device))
+    _to_device(model, device)
     return LoadedModel(model, config, None, {"seed": str(seed)})

@@ -50,6 +50,7 @@ def test_bench_quick_smoke(quick_run):
     assert res["flops"]["total"] == bench.encoder_flops(TINY)["total"]
     assert res["flops"]["ours_vs_floor"] == pytest.approx(enc["ours"]["median"] / res["flops"]["floor_seconds"])
     assert res["decoder"]["encoder_calls"] == 1 and res["decoder"]["median"] > 0
+    assert res["decoder"]["flops"] > 0 and "prompt -> mask FLOPs" in table
     prop = res["propagation"]
     assert prop["predicted"] >= 1 and prop["encoder_calls"] == prop["predicted"] <= 2
     assert res["gpu"] is None or "encoder_fp32" in res["gpu"]
@@ -64,6 +65,18 @@ def test_bench_memory_parts(quick_run):
         if m["peak_bytes"] is not None and m["baseline_bytes"] is not None:
             assert m["peak_bytes"] >= m["baseline_bytes"] > 50 * 2**20
     assert "peak RSS: encoder reference / ours" in table
+    assert mem["propagation"]["cache_bytes"] > 0 and mem["encoder-fast"]["cache_bytes"] == 0
+    assert "without its cached encodings" in table
+
+
+def test_counted_flops_of_a_convolution_and_a_product():
+    import torch
+
+    conv = torch.nn.Conv2d(4, 6, kernel_size=3, padding=1)
+    x = torch.zeros(2, 4, 10, 12)
+    assert bench.counted_flops(lambda: conv(x)) == 2 * 2 * 6 * 4 * 9 * 10 * 12
+    a, b = torch.zeros(5, 7), torch.zeros(7, 3)
+    assert bench.counted_flops(lambda: a @ b) == 2 * 5 * 7 * 3
 
 
 def test_module_entry_point_help():
