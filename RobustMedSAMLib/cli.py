@@ -94,7 +94,8 @@ def cmd_segment_volume(args: argparse.Namespace) -> int:
     from .progress import TextProgressBar
     from .prompt_files import read_prompts
     from .samples import resolve
-    from .volume_io import check_output_path, read_volume
+    from .volume_io import read_volume
+    from .segmentation_io import check_output_path
     from .volume_segmentation import segment_volume
 
     check_output_path(args.output)

@@ -26,7 +26,8 @@ from .predictor import Predictor
 from .prompt_files import ObjectPrompts
 from .prompts import Prediction, Prompt
 from .propagation import PropagationResult, propagate
-from .volume_io import DEFAULT_COLORS, AxisLike, SegmentInfo, Volume, write_segment_masks
+from .volume_io import AxisLike, Volume
+from .segmentation_io import DEFAULT_COLORS, SegmentInfo, write_segment_masks
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,8 @@ import torch
 from RobustMedSAMLib import batch
 from RobustMedSAMLib.cli import main
 from RobustMedSAMLib.models import seeded_model
-from RobustMedSAMLib.volume_io import Volume, read_segmentation, write_segmentation
+from RobustMedSAMLib.volume_io import Volume
+from RobustMedSAMLib.segmentation_io import read_segmentation, write_segmentation
 
 
 def _sphere_volume(path: Path, seed: int):

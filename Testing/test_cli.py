@@ -14,7 +14,8 @@ from RobustMedSAMLib import checkpoints as ck
 from RobustMedSAMLib.cli import main
 from RobustMedSAMLib.models import seeded_model
 from RobustMedSAMLib.seeded import seeded_image, seeded_state_dict
-from RobustMedSAMLib.volume_io import read_segmentation, read_volume
+from RobustMedSAMLib.volume_io import read_volume
+from RobustMedSAMLib.segmentation_io import read_segmentation
 
 REPO_EXAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples"
 

@@ -89,7 +89,11 @@ def test_extension_metadata_matches_catalog_entry():
     assert not "RobustMedSAM".startswith("Slicer")
     assert variables["EXTENSION_CONTRIBUTORS"] == "RobustMedSAM developers"
     assert variables["EXTENSION_ICONURL"].endswith("/RobustMedSAM.png")
-    assert variables["EXTENSION_SCREENSHOTURLS"].startswith("https://")
+    # every picture the catalogue shows is a file of this repository (raw GitHub URL of the main branch)
+    raw = variables["EXTENSION_HOMEPAGE"].replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
+    urls = [variables["EXTENSION_ICONURL"]] + variables["EXTENSION_SCREENSHOTURLS"].split()
+    for url in urls:
+        assert url.startswith(raw) and (REPO / url[len(raw):]).is_file(), url
     lic = (REPO / "LICENSE").read_text()
     assert "MIT License" in lic and "RobustMedSAM developers" in lic
 

@@ -15,8 +15,8 @@ import slicerio
 
 from support import geometry_variants, load_with_slicer
 
-from RobustMedSAMLib.volume_io import (SegmentInfo, Volume, VolumeError, ijk_to_slice, read_segmentation,
-                                       read_volume, resolve_axis, slice_to_ijk, write_segmentation)
+from RobustMedSAMLib.volume_io import Volume, VolumeError, ijk_to_slice, read_volume, resolve_axis, slice_to_ijk
+from RobustMedSAMLib.segmentation_io import SegmentInfo, read_segmentation, write_segmentation
 
 DATA = os.path.join(os.path.dirname(slicerio.__file__), "data")
 CT_PATH = os.path.join(DATA, "CTChest4.nrrd")

@@ -18,7 +18,8 @@ from RobustMedSAMLib.prompt_files import ObjectPrompts, read_prompts
 from RobustMedSAMLib.prompts import Prediction, Prompt, box_from_mask
 from RobustMedSAMLib.propagation import PropagationCancelled
 from RobustMedSAMLib.samples import sample_path
-from RobustMedSAMLib.volume_io import Volume, read_segmentation, read_volume, write_segmentation
+from RobustMedSAMLib.volume_io import Volume, read_volume
+from RobustMedSAMLib.segmentation_io import read_segmentation, write_segmentation
 from RobustMedSAMLib.volume_segmentation import (ObjectResult, SeedError, VolumeResult, segment_volume,
                                                   uint8_volume)
 

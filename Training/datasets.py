@@ -416,7 +416,8 @@ class FolderSource(Source):
 
     @staticmethod
     def _read_labels_3d(path: Path) -> np.ndarray:
-        from RobustMedSAMLib.volume_io import VolumeError, read_segmentation
+        from RobustMedSAMLib.volume_io import VolumeError
+        from RobustMedSAMLib.segmentation_io import read_segmentation
 
         try:
             return read_segmentation(path).labels
