@@ -9,7 +9,7 @@ import torch
 
 from RobustMedSAMLib.modeling import TINY, VIT_B, build_model
 from RobustMedSAMLib.modeling.model import ImageEncoding
-from RobustMedSAMLib.modeling.robust_blocks import FGMBlock, SampleBatchNorm2d, TokenBlock
+from RobustMedSAMLib.modeling.robust_blocks import FGMBlock, SampleBatchNorm2d, Selector, TokenBlock
 from RobustMedSAMLib.seeded import seed_module, seeded_array
 
 
@@ -231,3 +231,18 @@ def test_decoder_accepts_one_image_per_prompt(tiny):
                                        atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="does not match prompt batch"):
         tiny.decode(both, boxes=torch.zeros(3, 4) + 10)
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 16, 24), (1, 16, 10, 14)])
+def test_selector_mix_equals_upsampled_attention(shape):
+    """The block-broadcast mix (4 | H, W) and the fallback equal RobustSAM's nearest-upsampled attention."""
+    sel = Selector(shape[1])
+    seed_module(sel, 3)
+    gen = torch.Generator().manual_seed(0)
+    x, a, b = (torch.randn(*shape, generator=gen) for _ in range(3))
+    att1, att2 = sel(x)
+    assert att1.shape == shape and torch.allclose(att1 + att2, torch.ones(shape))
+    assert torch.equal(sel.mix(x, a, b), a * att1 + b * att2)
+    a.requires_grad_(True)
+    sel.mix(x, a, b).sum().backward()  # differentiable (training uses it)
+    assert torch.equal(a.grad, att1.detach())

@@ -76,14 +76,35 @@ class Selector(nn.Module):
         self.att_conv2 = nn.Linear(hidden, self.in_channel)
 
     def forward(self, x: torch.Tensor):
+        """``(B, C, H, W)`` -> two ``(B, C, H, W)`` attention maps (softmax over the pair)."""
         b, c, h, w = x.shape
+        att = self.cells(x)
+        # Nearest upsampling of the 4x4 attention to the feature size (each cell covers h/4 x w/4 pixels).
+        att = F.interpolate(att.flatten(0, 1), scale_factor=(h / self.spatial_attention, w / self.spatial_attention),
+                            mode="nearest").view(2, b, c, h, w)
+        return att[0], att[1]
+
+    def cells(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention per cell of the 4 x 4 grid: ``(2, B, C, 4, 4)``."""
+        b, c = x.shape[:2]
         s = self.spatial_attention
         y = self.fc(self.avg_pool(x).reshape(b, -1))
-        logits = torch.stack((self.att_conv1(y), self.att_conv2(y))).view(2, b, c, s, s)
-        att = torch.softmax(logits, dim=0)
-        # Nearest upsampling of the 4x4 attention to the feature size (each cell covers h/4 x w/4 pixels).
-        att = F.interpolate(att.flatten(0, 1), scale_factor=(h / s, w / s), mode="nearest").view(2, b, c, h, w)
-        return att[0], att[1]
+        return torch.softmax(torch.stack((self.att_conv1(y), self.att_conv2(y))).view(2, b, c, s, s), dim=0)
+
+    def mix(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a * att1 + b * att2`` with the attention of ``x`` (``a``, ``b``, ``x``: ``(B, C, H, W)``).
+
+        When 4 divides H and W, nearest upsampling just repeats each cell over an ``H/4 x W/4`` block, so the
+        cells are broadcast over a block view instead of materialising two full-size maps (same numbers).
+        """
+        n, c, h, w = x.shape
+        s = self.spatial_attention
+        if h % s or w % s:
+            att1, att2 = self(x)
+            return a * att1 + b * att2
+        att = self.cells(x).view(2, n, c, s, 1, s, 1)
+        blocks = (n, c, s, h // s, s, w // s)
+        return (a.view(blocks) * att[0] + b.view(blocks) * att[1]).view(n, c, h, w)
 
 
 class SelectiveConv(nn.Module):
@@ -99,8 +120,7 @@ class SelectiveConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out1 = self.conv1(F.leaky_relu(self.BN(x), 0.01))
         out2 = self.conv2(F.leaky_relu(F.instance_norm(x, eps=1e-5), 0.01))
-        att1, att2 = self.selector(out1 + out2)
-        return out1 * att1 + out2 * att2
+        return self.selector.mix(out1 + out2, out1, out2)
 
 
 class SKDown(nn.Module):
