@@ -8,7 +8,6 @@ with what is wrong, which file, and what to do.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import pickle
 import re
@@ -29,12 +28,11 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, or not a SAM ViT-B-family model."""
 
 
-def sha256_of(path: os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def sha256_of(path: os.PathLike) -> str:
+    """Hex SHA-256 of a file (recorded in fused and trained checkpoints' metadata)."""
+    from .weights import sha256_file
+
+    return sha256_file(path)
 
 
 def _sniff(path: Path) -> str:

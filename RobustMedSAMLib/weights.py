@@ -232,6 +232,13 @@ def download_instructions(name: str, path: Optional[Path] = None) -> str:
 def sha256_file(path: os.PathLike, progress: Optional[ProgressCallback] = None, chunk_size: int = 1 << 22) -> str:
     """Hex SHA-256 of a file; ``progress(done, total)`` is called after every chunk."""
     digest = hashlib.sha256()
+    _hash_file_into(digest, Path(path), progress, chunk_size)
+    return digest.hexdigest()
+
+
+def _hash_file_into(digest, path: Path, progress: Optional[ProgressCallback] = None,
+                    chunk_size: int = 1 << 22) -> None:
+    """Feed the bytes of ``path`` to ``digest`` (a ``hashlib`` object), with optional progress."""
     total = os.path.getsize(path)
     done = 0
     with open(path, "rb") as f:
@@ -240,7 +247,6 @@ def sha256_file(path: os.PathLike, progress: Optional[ProgressCallback] = None, 
             done += len(block)
             if progress is not None:
                 progress(done, total)
-    return digest.hexdigest()
 
 
 def _sidecar(path: Path) -> Path:
@@ -306,12 +312,6 @@ def _reason(exc: BaseException) -> str:
     if "getaddrinfo" in text or "Name or service not known" in text or "nodename nor servname" in text:
         return f"the host name could not be resolved ({text}); are you offline?"
     return text
-
-
-def _hash_file_into(digest, path: Path, chunk_size: int = 1 << 22) -> None:
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk_size), b""):
-            digest.update(block)
 
 
 def _unlink(path: Path) -> None:
