@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -165,3 +166,22 @@ def test_requirements_file():
     assert not torch_needed and others == ["safetensors>=0.4", "slicerio>=1.4"]  # numpy is Slicer's: never installed
     assert satisfies("2.3.1+cu121", ">=2.0") and not satisfies("1.13.1", ">=2.0")
     assert missing_requirements(reqs) == []  # this test environment has everything
+
+
+def test_typed_parameter_node_declares_the_bridge_settings():
+    """RobustMedSAM.py's parameterNodeWrapper class (Slicer >= 5.2) and RobustMedSAMLogic.logic.Settings read
+    the same parameter node: same names, types and defaults, in the same order."""
+    import dataclasses
+
+    sys.path.insert(0, str(MODULE_DIR))
+    try:
+        from RobustMedSAMLogic.logic import Settings
+    finally:
+        sys.path.remove(str(MODULE_DIR))
+    tree = ast.parse((MODULE_DIR / "RobustMedSAM.py").read_text())
+    wrapper = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "RobustMedSAMParameterNode")
+    declared = [(n.target.id, ast.unparse(n.annotation), ast.literal_eval(n.value))
+                for n in wrapper.body if isinstance(n, ast.AnnAssign)]
+    expected = [(f.name, f.type if isinstance(f.type, str) else f.type.__name__, f.default)
+                for f in dataclasses.fields(Settings)]
+    assert declared == expected
