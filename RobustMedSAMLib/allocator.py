@@ -11,8 +11,8 @@ Results are unchanged (only where memory comes from); measured on 2 AVX2 cores (
 prompt -> mask about 1.2-1.4x faster, the encoder a few percent.
 
 Linux/glibc only (a no-op elsewhere: macOS and Windows allocators behave differently). The setting is
-process-wide, so inside 3D Slicer it applies to the whole application; the cost is at most
-``trim_threshold`` of freed memory kept mapped. Set ``ROBUSTMEDSAM_MALLOC=default`` to leave the allocator
+process-wide, so inside 3D Slicer it applies to the whole application; the cost is up to
+``trim_threshold`` (64 MiB) of freed memory kept mapped per allocator arena. Set ``ROBUSTMEDSAM_MALLOC=default`` to leave the allocator
 alone. This is the in-process counterpart of preloading jemalloc (REFERENCE.md section 0), which is not
 possible inside Slicer.
 """
@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 ENV_SWITCH = "ROBUSTMEDSAM_MALLOC"
 MMAP_THRESHOLD = 64 << 20  # bytes: larger blocks are still mmapped (e.g. the reference encoder's 800 MB)
-TRIM_THRESHOLD = 256 << 20  # bytes of free heap top kept for reuse
+# bytes of free heap top kept for reuse. Not more than glibc's 64 MiB heap size of thread arenas: above it,
+# a worker thread's arena (Slicer's background encoding) would never give a whole free heap back.
+TRIM_THRESHOLD = 64 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 
 _lock = threading.Lock()
