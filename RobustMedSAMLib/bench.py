@@ -450,7 +450,7 @@ def run_benchmark(quick: bool = False, slices: int = 4, repeats: int = 3, memory
 
 
 def _gb(n: Optional[int]) -> str:
-    return "n/a" if n is None else f"{n / 2**30:.2f} GB"
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
 
 def format_table(res: Dict[str, Any]) -> str:
