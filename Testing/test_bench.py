@@ -40,12 +40,15 @@ def quick_run(tmp_path_factory):
 def test_bench_quick_smoke(quick_run):
     code, table, res = quick_run
     assert code == 0
-    assert table.startswith("Benchmark (tiny test model") and "| encoder speed-up (same run) |" in table
+    assert table.startswith("Benchmark (tiny test model") and "| encoder speed-up (same run): " in table
     assert res["config"]["quick"] and res["config"]["slices"] == 2
     enc = res["encoder"]
     assert enc["path"] == "fast"
     assert enc["max_abs_diff_embeddings"] <= 1e-4 and enc["max_abs_diff_early"] <= 1e-4
-    assert len(enc["ours"]["runs"]) == 1 and enc["speedup"] > 0
+    assert len(enc["ours"]["runs"]) == 1 and enc["speedup"] > 0 and enc["speedup_same_process"] > 0
+    # the reference timed in its own process (default allocator) as well as in this one
+    assert len(enc["reference_default"]["runs"]) == len(enc["reference"]["runs"]) == 1
+    assert enc["speedup"] == pytest.approx(enc["reference_default"]["median"] / enc["ours"]["median"])
     assert res["gemm"]["flops_per_s"] > 1e8 and len(enc["gemm_samples"]) == 2
     assert res["flops"]["total"] == bench.encoder_flops(TINY)["total"]
     assert res["flops"]["ours_vs_floor"] == pytest.approx(enc["ours"]["median"] / res["flops"]["floor_seconds"])
