@@ -65,6 +65,23 @@ def default_segments(labels: np.ndarray) -> List[SegmentInfo]:
     return [SegmentInfo(f"Segment_{v}", DEFAULT_COLORS[(v - 1) % len(DEFAULT_COLORS)], v) for v in values]
 
 
+def integer_labels(labels: np.ndarray, where: str, error: type = VolumeError) -> np.ndarray:
+    """``labels`` as non-negative integers (bool -> int32; integral floats -> int64), or ``error`` naming
+    ``where`` and the problem (non-integer or non-finite values, a non-numeric type, negative labels)."""
+    a = np.asarray(labels)
+    if a.dtype == bool:
+        return a.astype(np.int32)
+    if a.dtype.kind == "f":
+        if not np.all(np.isfinite(a)) or not np.all(a == np.round(a)):
+            raise error(f"{where}: holds non-integer values; label maps must hold integer labels")
+        a = a.astype(np.int64)
+    if a.dtype.kind not in "iu":
+        raise error(f"{where}: has type {a.dtype}; integer labels are needed")
+    if a.size and a.min() < 0:
+        raise error(f"{where}: negative label values; labels must be >= 0")
+    return a
+
+
 def _check_output_dir(path: Path) -> None:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.exists():
@@ -314,15 +331,7 @@ def read_segmentation(path: PathLike, reference: Optional[Volume] = None, overla
             raise VolumeError(f"{p}: a label volume must be 3D with one component per voxel, got "
                               f"{image.GetDimension()}D with {image.GetNumberOfComponentsPerPixel()} component(s)")
         vol = Volume.from_sitk(image)
-        labels, matrix = vol.array, vol.ijk_to_lps
-        if labels.dtype.kind == "f":
-            if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
-                raise VolumeError(f"{p}: holds non-integer values; a label volume must hold integer labels")
-            labels = labels.astype(np.int32)
-        if labels.dtype.kind not in "iub":
-            raise VolumeError(f"{p}: label volume has type {labels.dtype}; integer labels are needed")
-        if labels.size and labels.min() < 0:
-            raise VolumeError(f"{p}: negative label values found; labels must be >= 0")
+        labels, matrix = integer_labels(vol.array, str(p)), vol.ijk_to_lps
         segments = default_segments(labels)
     if reference is not None:
         labels = _resample_labels(labels, matrix, reference)

@@ -396,3 +396,16 @@ def test_dicom_missing_slice_warns_uneven_spacing(ct_image, tmp_path):
     assert vol.shape[0] == 7
     with pytest.raises(VolumeError, match="is a single DICOM file; give the folder"):
         read_volume(tmp_path / "IMG0000.dcm")
+
+
+def test_integer_labels_accepts_integral_values_and_names_the_problem():
+    from RobustMedSAMLib.segmentation_io import integer_labels
+
+    assert integer_labels(np.array([[True, False]]), "m").dtype == np.int32
+    np.testing.assert_array_equal(integer_labels(np.array([0.0, 2.0]), "m"), [0, 2])
+    for bad, why in [(np.array([0.5]), "non-integer"), (np.array([np.nan]), "non-integer"),
+                     (np.array([-1]), "negative"), (np.array(["a"]), "type <U1")]:
+        with pytest.raises(VolumeError, match=f"labels.nii: .*{why}"):
+            integer_labels(bad, "labels.nii")
+    with pytest.raises(KeyError):
+        integer_labels(np.array([-3]), "x", KeyError)

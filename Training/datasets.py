@@ -144,17 +144,9 @@ def _as_label(array: np.ndarray, where: str) -> np.ndarray:
             a = order[inverse.reshape(-1)].reshape(rgb.shape[:2])
     if a.ndim != 2:
         raise DatasetError(f"{where}: a mask must be 2D (H, W), got shape {a.shape}")
-    if a.dtype == bool:
-        return a.astype(np.int32)
-    if a.dtype.kind == "f":
-        if not np.all(np.isfinite(a)) or not np.all(a == np.round(a)):
-            raise DatasetError(f"{where}: the mask holds non-integer values; masks must hold integer labels")
-        a = a.astype(np.int64)
-    if a.dtype.kind not in "iu":
-        raise DatasetError(f"{where}: the mask has type {a.dtype}; integer labels are needed")
-    if a.size and a.min() < 0:
-        raise DatasetError(f"{where}: negative label values; labels must be >= 0")
-    return a
+    from RobustMedSAMLib.segmentation_io import integer_labels
+
+    return integer_labels(a, f"{where}: the mask", DatasetError)
 
 
 def _as_image(array: np.ndarray, where: str) -> np.ndarray:
