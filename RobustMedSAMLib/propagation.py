@@ -506,6 +506,11 @@ def repropagate(segmenter: SliceSegmenter, previous: PropagationResult, index: i
     * ``index`` inside a gap: the two sub-gaps;
     * ``index`` an existing seed: its adjacent gaps and, if it is the lowest/highest seed, that direction.
 
+    An empty ``new_mask`` (the user erased the slice) at or beyond the highest seed means "the object ends
+    before this slice": it becomes an empty stop seed with ``stop_upper`` (at or below the lowest seed:
+    ``stop_lower``), so nothing is extrapolated past it and the gap up to it is filled from the other side
+    only, stopping by the usual rules. Elsewhere an empty slice is an error, as in :func:`propagate`.
+
     Options left as None are taken from ``previous.options`` (pass ``slice_range=(0, num_slices - 1)`` to
     drop a previous range); changing an option recomputes the pieces it affects. ``previous`` and
     ``new_mask`` are not modified. ``result.predicted`` lists the slices predicted by this call.
@@ -515,13 +520,19 @@ def repropagate(segmenter: SliceSegmenter, previous: PropagationResult, index: i
         raise ValueError(f"previous result has masks of shape {previous.masks.shape}; the segmenter has "
                          f"{num_slices} slices of {tuple(shape)}")
     old = {**_DEFAULTS, **(previous.options or {})}
+    index = int(index)
+    others = [int(z) for z in previous.seeds if int(z) != index]
+    if others and not np.asarray(new_mask).any():  # erased: the object ends before this slice
+        if index > max(others) and stop_upper is None:
+            stop_upper = True
+        elif index < min(others) and stop_lower is None:
+            stop_lower = True
     pick = (lambda value, name: old[name] if value is None else value)
     old_opts = _make_options(num_slices, old["iou_threshold"], old["projection"], old["box_extension"],
                              old["stop_lower"], old["stop_upper"], old["slice_range"])
     opts = _make_options(num_slices, pick(iou_threshold, "iou_threshold"), pick(projection, "projection"),
                          pick(box_extension, "box_extension"), pick(stop_lower, "stop_lower"),
                          pick(stop_upper, "stop_upper"), pick(slice_range, "slice_range"))
-    index = int(index)
     if not 0 <= index < num_slices:
         raise ValueError(f"slice {index} is outside the volume (0..{num_slices - 1})")
 

@@ -598,3 +598,28 @@ def test_repropagate_option_change_and_cancel():
     with pytest.raises(PropagationCancelled):
         repropagate(seg, first, 9, ref[9], cancel=lambda: len(seg.calls) >= 2)
     assert len(seg.calls) == 2 and np.array_equal(first.masks, snapshot)
+
+
+def test_repropagate_erased_slice_beyond_the_seeds_ends_the_object():
+    """The user erases a leaked slice above (below) the seeds: the object now ends before it."""
+    ref = sphere(z=24, center=(12, 20, 20), r=8)  # object on slices 4..20
+    first = propagate(Oracle(ref), {12: ref[12]}, iou_threshold=0.0)
+    assert first.z_range == (4, 20)
+    empty = np.zeros_like(ref[0])
+    seg = Counting(ref)
+    res = repropagate(seg, first, 17, empty)
+    assert not res.masks[17:].any() and all(res.masks[z].any() for z in range(4, 17))
+    assert set(seg.counts()) == set(range(13, 17))  # only the gap up to the erased slice is redone
+    assert np.array_equal(res.masks[:17], first.masks[:17])
+    assert res.options["stop_upper"] is True and res.stops["upper"].reason == "no_seed_side"
+    _assert_same(res, propagate(Oracle(ref), {12: ref[12], 17: empty}, iou_threshold=0.0, stop_upper=True))
+    # below the seeds likewise; the upper stop is remembered
+    low = repropagate(Counting(ref), res, 6, empty)
+    assert not low.masks[:7].any() and all(low.masks[z].any() for z in range(7, 17)) and not low.masks[17:].any()
+    assert low.options["stop_lower"] is True and low.options["stop_upper"] is True
+    # inside a gap, or with an explicit "no stop", an empty slice is still an error
+    two = propagate(Oracle(ref), {8: ref[8], 16: ref[16]}, iou_threshold=0.0)
+    with pytest.raises(ValueError, match="empty"):
+        repropagate(Oracle(ref), two, 12, empty)
+    with pytest.raises(ValueError, match="empty"):
+        repropagate(Oracle(ref), first, 17, empty, stop_upper=False)

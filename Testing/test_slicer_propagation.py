@@ -113,6 +113,17 @@ def test_propagate_preview_apply_undo_and_repropagate(setup):
     np.testing.assert_array_equal(got[2:6], truth()[2:6])
     report = session.report()
     assert {r["index"] for r in report} >= {4, 6}
+    # the user erases slice 7 (the object should end at 6): propagating again ends it there
+    writer.replace_slice(sid, 0, 7, np.zeros(SHAPE[1:], bool))
+    plan = session.plan(PropagationOptions(axis=0, iou_threshold=0.3))
+    assert plan.mode == "repropagate" and plan.changed == [7]
+    result = session.compute(plan)
+    assert result.options["stop_upper"] is True
+    session.apply()
+    got = volumes.segment_mask(seg, sid, vol)
+    assert not got[7:].any()
+    np.testing.assert_array_equal(got[6], corrected)
+    np.testing.assert_array_equal(got[2:6], truth()[2:6])
 
 
 @pytest.mark.parametrize("how", ["cancel", "fail", "cancel_in_thread"])
