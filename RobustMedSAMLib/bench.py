@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -52,107 +51,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .measure import (GEMM_SHAPES, QUICK_GEMM_SHAPES, PeakMemory, counted_flops, encoder_flops, gemm_rate,
+                      median_time, stats)
+
 PARTS = ("encoder-reference", "encoder-fast", "decoder", "propagation")
-GEMM_SHAPES = ((4096, 768, 3072), (4096, 3072, 768), (4096, 768, 2304))
-QUICK_GEMM_SHAPES = ((256, 128, 512),)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# FLOPs, GEMM rate, timing, memory
-# ----------------------------------------------------------------------------------------------------------
-
-def encoder_flops(arch, batch: int = 1) -> Dict[str, float]:
-    """FLOPs of one encoder forward of ``batch`` images by part (formula in the module docstring)."""
-    side = arch.image_size // arch.patch_size
-    n, c, p = side * side, arch.embed_dim, arch.patch_size
-    w = arch.window_size
-    nw = math.ceil(side / w) ** 2 if w > 0 else 0
-    t = w * w
-    n_global = len(arch.global_attn_indexes)
-    n_window = arch.depth - n_global
-    out = {
-        "patch_embed": 2.0 * n * c * 3 * p * p,
-        "linear": arch.depth * 24.0 * n * c * c,
-        "global_attention": n_global * (4.0 * n * n * c + 2.0 * n * 2 * side * c),
-        "window_attention": n_window * (4.0 * nw * t * t * c + 4.0 * nw * t * w * c),
-        "neck": 2.0 * n * c * arch.prompt_dim + 2.0 * n * arch.prompt_dim * arch.prompt_dim * 9,
-    }
-    out = {k: v * batch for k, v in out.items()}
-    out["total"] = sum(out.values())
-    return out
-
-
-def _median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1, sync: Callable[[], None] = lambda: None
-                 ) -> List[float]:
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def gemm_rate(shapes: Sequence = GEMM_SHAPES, repeats: int = 5) -> Dict[str, Any]:
-    """fp32 GEMM rate in FLOP/s: total FLOPs / total median time over ``shapes`` (M, K, N)."""
-    gen = torch.Generator().manual_seed(0)
-    total_flops = total_time = 0.0
-    per_shape = {}
-    for m, k, n in shapes:
-        a = torch.randn(m, k, generator=gen)
-        b = torch.randn(n, k, generator=gen)
-        bias = torch.randn(n, generator=gen)
-        out = torch.empty(m, n)
-        times = _median_time(lambda: torch.addmm(bias, a, b.t(), out=out), max(3, repeats), warmup=2)
-        med = statistics.median(times)
-        per_shape[f"{m}x{k}x{n}"] = 2.0 * m * k * n / med
-        total_flops += 2.0 * m * k * n
-        total_time += med
-    return {"flops_per_s": total_flops / total_time, "per_shape": per_shape}
-
-
-class PeakMemory:
-    """Peak resident memory of this process since :meth:`reset` (Linux) or since start (elsewhere)."""
-
-    def __init__(self) -> None:
-        self.resettable = False
-
-    @staticmethod
-    def _status(field_name: str) -> Optional[int]:
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith(field_name + ":"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        return None
-
-    def current(self) -> Optional[int]:
-        return self._status("VmRSS")
-
-    def reset(self) -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.resettable = True
-        except OSError:
-            self.resettable = False
-        return self.resettable
-
-    def peak(self) -> Optional[int]:
-        hwm = self._status("VmHWM")
-        if hwm is not None:
-            return hwm
-        try:
-            import resource
-        except ImportError:  # Windows
-            return None
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -292,10 +194,6 @@ def measure_memory(quick: bool, slices: int, log: Callable[[str], None]) -> Dict
 # the benchmark
 # ----------------------------------------------------------------------------------------------------------
 
-def _stats(times: List[float]) -> Dict[str, Any]:
-    return {"median": statistics.median(times), "min": min(times), "runs": times}
-
-
 class ReferenceWorker:
     """segment_anything's encoder in a fresh process with the default allocator, run on request.
 
@@ -400,15 +298,15 @@ def bench_encoder(loaded, repeats: int, log, gemm_shapes: Sequence = GEMM_SHAPES
     features = None
     if loaded.model.has_robust_decoder:  # the decoder's image-only branches: also computed once per slice
         with torch.inference_mode():
-            features = _stats(_median_time(lambda: loaded.model.mask_decoder.image_features(emb_o, early_o),
+            features = stats(median_time(lambda: loaded.model.mask_decoder.image_features(emb_o, early_o),
                                            repeats, warmup=1))
     diff_emb = float((emb_o.double() - emb_r.double()).abs().max())
     diff_early = float((early_o.double() - early_r.double()).abs().max())
     ours_median = statistics.median(wall["ours"])
-    return {"path": path, "reference": _stats(wall["reference"]), "ours": _stats(wall["ours"]),
-            "reference_default": _stats(wall["reference_default"]),
-            "reference_cpu": _stats(cpu["reference"]), "ours_cpu": _stats(cpu["ours"]),
-            "reference_default_cpu": _stats(cpu["reference_default"]),
+    return {"path": path, "reference": stats(wall["reference"]), "ours": stats(wall["ours"]),
+            "reference_default": stats(wall["reference_default"]),
+            "reference_cpu": stats(cpu["reference"]), "ours_cpu": stats(cpu["ours"]),
+            "reference_default_cpu": stats(cpu["reference_default"]),
             "speedup": statistics.median(wall["reference_default"]) / ours_median,
             "speedup_same_process": statistics.median(wall["reference"]) / ours_median,
             "robust_features": features, "gemm_samples": gemm_samples,
@@ -423,22 +321,10 @@ def bench_decoder(loaded, repeats: int) -> Dict[str, Any]:
     image = _volume(1, side)[0]
     predictor.set_image(image)
     prompt = _box_prompt(side)
-    times = _median_time(lambda: predictor.predict(prompt), max(5, 3 * repeats), warmup=2)
+    times = median_time(lambda: predictor.predict(prompt), max(5, 3 * repeats), warmup=2)
     pred = predictor.predict(prompt)
-    return {**_stats(times), "encoder_calls": predictor.encoder_calls, "mask_pixels": int(pred.mask.sum()),
+    return {**stats(times), "encoder_calls": predictor.encoder_calls, "mask_pixels": int(pred.mask.sum()),
             "flops": counted_flops(lambda: predictor.predict(prompt))}
-
-
-def counted_flops(fn: Callable[[], Any]) -> Optional[float]:
-    """FLOPs of the matrix products and convolutions ``fn`` runs (``torch.utils.flop_counter``; FFTs and
-    element-wise work are not counted, so ``flops / GEMM rate`` is a lower bound on the time)."""
-    try:
-        from torch.utils.flop_counter import FlopCounterMode
-    except ImportError:  # PyTorch < 2.1
-        return None
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
 
 
 def bench_propagation(loaded, slices: int, encoder_seconds: float, features_seconds: float = 0.0
@@ -467,15 +353,15 @@ def bench_gpu(loaded, repeats: int, log) -> Optional[Dict[str, Any]]:
     sync = torch.cuda.synchronize
     out: Dict[str, Any] = {"device": torch.cuda.get_device_name()}
     with torch.inference_mode():
-        torch.cuda.reset_peak_memory_stats()
-        out["encoder_fp32"] = _stats(_median_time(lambda: model.image_encoder(xc), repeats, 2, sync))
+        torch.cuda.reset_peak_memorystats()
+        out["encoder_fp32"] = stats(median_time(lambda: model.image_encoder(xc), repeats, 2, sync))
         out["peak_fp32_bytes"] = torch.cuda.max_memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memorystats()
         with autocast("cuda"):
-            out["encoder_autocast"] = _stats(_median_time(lambda: model.image_encoder(xc), repeats, 2, sync))
+            out["encoder_autocast"] = stats(median_time(lambda: model.image_encoder(xc), repeats, 2, sync))
         out["peak_autocast_bytes"] = torch.cuda.max_memory_allocated()
     batch = [x[0]] * 4
-    times = _median_time(lambda: encode_batched(model, batch, 4), repeats, 1, sync)
+    times = median_time(lambda: encode_batched(model, batch, 4), repeats, 1, sync)
     out["encode_batched_4_per_slice"] = statistics.median(times) / 4
     log("gpu: done")
     model.to("cpu")

@@ -8,20 +8,20 @@ import sys
 
 import pytest
 
-from RobustMedSAMLib import bench
+from RobustMedSAMLib import bench, measure
 from RobustMedSAMLib.cli import main as cli_main
 from RobustMedSAMLib.modeling import TINY, VIT_B
 
 
 def test_encoder_flops_formula():
-    f = bench.encoder_flops(VIT_B)
+    f = measure.encoder_flops(VIT_B)
     n, c = 64 * 64, 768
     assert f["linear"] == 12 * 24 * n * c * c
     assert f["global_attention"] == 4 * (4 * n * n * c + 2 * n * 128 * c)
     assert f["window_attention"] == 8 * (4 * 25 * 196 ** 2 * c + 4 * 25 * 196 * 14 * c)  # 64 -> 5 x 5 windows of 14
     assert 0.93e12 < f["total"] < 0.95e12  # REFERENCE.md: about 0.94 TFLOP per slice
-    assert bench.encoder_flops(VIT_B, batch=2)["total"] == 2 * f["total"]
-    tiny = bench.encoder_flops(TINY)
+    assert measure.encoder_flops(VIT_B, batch=2)["total"] == 2 * f["total"]
+    tiny = measure.encoder_flops(TINY)
     assert tiny["window_attention"] == 2 * 4 * 16 * 16 ** 2 * 64 + 2 * 4 * 16 * 16 * 4 * 64  # 16 windows of 4 x 4
 
 
@@ -50,7 +50,7 @@ def test_bench_quick_smoke(quick_run):
     assert len(enc["reference_default"]["runs"]) == len(enc["reference"]["runs"]) == 1
     assert enc["speedup"] == pytest.approx(enc["reference_default"]["median"] / enc["ours"]["median"])
     assert res["gemm"]["flops_per_s"] > 1e8 and len(enc["gemm_samples"]) == 2
-    assert res["flops"]["total"] == bench.encoder_flops(TINY)["total"]
+    assert res["flops"]["total"] == measure.encoder_flops(TINY)["total"]
     assert res["flops"]["ours_vs_floor"] == pytest.approx(enc["ours"]["median"] / res["flops"]["floor_seconds"])
     assert res["decoder"]["encoder_calls"] == 1 and res["decoder"]["median"] > 0
     assert res["decoder"]["flops"] > 0 and "prompt -> mask FLOPs" in table
@@ -77,9 +77,9 @@ def test_counted_flops_of_a_convolution_and_a_product():
 
     conv = torch.nn.Conv2d(4, 6, kernel_size=3, padding=1)
     x = torch.zeros(2, 4, 10, 12)
-    assert bench.counted_flops(lambda: conv(x)) == 2 * 2 * 6 * 4 * 9 * 10 * 12
+    assert measure.counted_flops(lambda: conv(x)) == 2 * 2 * 6 * 4 * 9 * 10 * 12
     a, b = torch.zeros(5, 7), torch.zeros(7, 3)
-    assert bench.counted_flops(lambda: a @ b) == 2 * 5 * 7 * 3
+    assert measure.counted_flops(lambda: a @ b) == 2 * 5 * 7 * 3
 
 
 def test_module_entry_point_help():
