@@ -143,6 +143,10 @@ def run_part(part: str, quick: bool, slices: int) -> Dict[str, Any]:
         arch = get_config(name).architecture
         enc = _seeded_encoder("reference" if part == "encoder-reference" else "fast", arch)
         x = _input(arch)
+        if part == "encoder-fast":  # as the engine runs it (load_model tunes the allocator); the reference not
+            from .allocator import tune_cpu_allocator
+
+            tune_cpu_allocator()
 
         def job():
             with torch.inference_mode():
