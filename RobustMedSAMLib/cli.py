@@ -78,6 +78,53 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_volume_args(p: argparse.ArgumentParser) -> None:
+    """Volume, prompts, slicing, intensity, propagation, cache and model arguments of volume commands."""
+    p.add_argument("volume", help="NIfTI, NRRD, MHA or a DICOM folder; sample:chest-ct for the sample CT")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", type=Path, help="prompts JSON (format in the README)")
+    src.add_argument("--markups", type=Path, nargs="+", help="3D Slicer markups .mrk.json (point lists, ROIs)")
+    p.add_argument("--axis", default=None, help="slice axis: k (default), j, i, axial, coronal, sagittal")
+    p.add_argument("--iou-threshold", type=float, default=0.5,
+                   help="stop propagating where consecutive slices overlap less (default 0.5)")
+    p.add_argument("--projection", default="mask", choices=["mask", "box", "points", "points_and_mask",
+                                                            "single_point"],
+                   help="prompts carried to the next slice (default mask = box + mask)")
+    p.add_argument("--box-extension", type=float, default=0.025, help="box growth per slice (fraction or pixels)")
+    p.add_argument("--slice-range", type=int, nargs=2, metavar=("FIRST", "LAST"), help="limit propagation")
+    p.add_argument("--window", help="CT window: soft_tissue (default for CT), lung, bone, brain or LEVEL,WIDTH")
+    p.add_argument("--modality", choices=["CT", "MR", "other"], help="override the guessed modality")
+    p.add_argument("--cache-mb", type=float, default=2048, help="in-memory encoding cache cap (MB)")
+    p.add_argument("--fp16-cache", action="store_true", help="store cached encodings as float16")
+    p.add_argument("--cache-dir", type=Path, help="also keep encodings on disk here (reused by later runs)")
+    _add_model_args(p)
+
+
+def _volume_inputs(args: argparse.Namespace):
+    """The volume, its prompt objects and intensity mapping, read and checked before any model loads."""
+    from .intensity import intensity_mapping
+    from .prompt_files import read_prompts
+    from .samples import resolve
+    from .volume_io import read_volume
+
+    volume = read_volume(resolve(args.volume))
+    objects = read_prompts(args.prompts or args.markups, volume, args.axis)
+    mapping = intensity_mapping(volume.array, modality=args.modality, window=_window(args.window))
+    print(f"{len(objects)} object(s); intensities: {mapping.description}", file=sys.stderr)
+    return volume, objects, mapping
+
+
+def _volume_predictor(args: argparse.Namespace):
+    """The model's predictor with the requested cache, and the propagation options of the arguments."""
+    from .predictor import EncodingCache, Predictor
+
+    loaded, robust = load_from_args(args)
+    cache = EncodingCache(max_bytes=int(args.cache_mb * 2**20), fp16=args.fp16_cache, disk_dir=args.cache_dir)
+    options = dict(iou_threshold=args.iou_threshold, projection=args.projection, box_extension=args.box_extension,
+                   slice_range=tuple(args.slice_range) if args.slice_range else None)
+    return Predictor(loaded, cache, robust=robust), options
+
+
 def _window(text: Optional[str]):
     """``soft_tissue`` / ``lung`` / ... or ``LEVEL,WIDTH``."""
     if text is None or "," not in text:
@@ -89,31 +136,19 @@ def _window(text: Optional[str]):
 
 
 def cmd_segment_volume(args: argparse.Namespace) -> int:
-    from .intensity import intensity_mapping
-    from .predictor import EncodingCache, Predictor
     from .progress import TextProgressBar
-    from .prompt_files import read_prompts
-    from .samples import resolve
-    from .volume_io import read_volume
     from .segmentation_io import check_output_path
     from .volume_segmentation import segment_volume
 
     check_output_path(args.output)
     if args.report:
         check_output_path(args.report, kinds=(".json",))
-    volume = read_volume(resolve(args.volume))
-    objects = read_prompts(args.prompts or args.markups, volume, args.axis)  # validated before model loading
-    mapping = intensity_mapping(volume.array, modality=args.modality, window=_window(args.window))
-    print(f"{len(objects)} object(s); intensities: {mapping.description}", file=sys.stderr)
-    loaded, robust = load_from_args(args)
-    cache = EncodingCache(max_bytes=int(args.cache_mb * 2**20), fp16=args.fp16_cache, disk_dir=args.cache_dir)
-    predictor = Predictor(loaded, cache, robust=robust)
+    volume, objects, mapping = _volume_inputs(args)
+    predictor, options = _volume_predictor(args)
     bar = TextProgressBar("segmenting", unit="slices")
     result = segment_volume(
         volume, objects, predictor, axis=args.axis or 0, images=mapping.apply(volume.array),
-        propagate_volume=not args.no_propagation, iou_threshold=args.iou_threshold, projection=args.projection,
-        box_extension=args.box_extension, slice_range=tuple(args.slice_range) if args.slice_range else None,
-        progress=lambda done, total, _msg: bar(done, total))
+        propagate_volume=not args.no_propagation, progress=lambda done, total, _msg: bar(done, total), **options)
     bar.close()
     result.write(args.output, volume)
     if args.report:
@@ -125,6 +160,36 @@ def cmd_segment_volume(args: argparse.Namespace) -> int:
         print(f"{obj.name}: {int(obj.mask.sum())} voxels" + (
             f", slices {obj.propagation.z_range[0]}..{obj.propagation.z_range[1]}" if obj.propagation else ""))
     print(f"wrote {args.output} ({predictor.encoder_calls} slices encoded)")
+    return 0
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from .progress import TextProgressBar
+    from .robustness import robustness_check, to_csv, to_markdown
+
+    if args.csv:
+        from .segmentation_io import check_output_path
+
+        check_output_path(args.csv, kinds=(".csv",))
+    volume, objects, _ = _volume_inputs(args)
+    reference = None
+    if args.reference:
+        from .robustness import reference_masks
+        from .segmentation_io import read_segmentation
+
+        reference = read_segmentation(args.reference, reference=volume)
+        reference_masks(reference, objects)  # every object has its segment: checked before the model loads
+    predictor, options = _volume_predictor(args)
+    bar = TextProgressBar("robustness", unit="runs")
+    rows = robustness_check(volume, objects, predictor, corruption_names=args.corruptions, severity=args.severity,
+                            seed=args.seed, axis=args.axis or 0, modality=args.modality, window=_window(args.window),
+                            reference=reference, progress=lambda done, total, _msg: bar(done, total), **options)
+    bar.close()
+    if args.csv:
+        from .image_io import write_text
+
+        write_text(args.csv, to_csv(rows))
+    print(to_markdown(rows), end="")
     return 0
 
 
@@ -268,28 +333,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("segment-volume", help="segment objects in a 3D volume: prompts on a slice, propagation")
-    p.add_argument("volume", help="NIfTI, NRRD, MHA or a DICOM folder; sample:chest-ct for the sample CT")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompts", type=Path, help="prompts JSON (format in the README)")
-    src.add_argument("--markups", type=Path, nargs="+", help="3D Slicer markups .mrk.json (point lists, ROIs)")
+    _add_volume_args(p)
     p.add_argument("--output", "-o", type=Path, required=True, help=".seg.nrrd (3D Slicer) or .nii.gz labels")
-    p.add_argument("--axis", default=None, help="slice axis: k (default), j, i, axial, coronal, sagittal")
-    p.add_argument("--iou-threshold", type=float, default=0.5,
-                   help="stop propagating where consecutive slices overlap less (default 0.5)")
-    p.add_argument("--projection", default="mask", choices=["mask", "box", "points", "points_and_mask",
-                                                            "single_point"],
-                   help="prompts carried to the next slice (default mask = box + mask)")
-    p.add_argument("--box-extension", type=float, default=0.025, help="box growth per slice (fraction or pixels)")
-    p.add_argument("--slice-range", type=int, nargs=2, metavar=("FIRST", "LAST"), help="limit propagation")
     p.add_argument("--no-propagation", action="store_true", help="segment only the prompted slices")
-    p.add_argument("--window", help="CT window: soft_tissue (default for CT), lung, bone, brain or LEVEL,WIDTH")
-    p.add_argument("--modality", choices=["CT", "MR", "other"], help="override the guessed modality")
     p.add_argument("--report", type=Path, help="write per-slice predicted IoU and stop reasons as JSON")
-    p.add_argument("--cache-mb", type=float, default=2048, help="in-memory encoding cache cap (MB)")
-    p.add_argument("--fp16-cache", action="store_true", help="store cached encodings as float16")
-    p.add_argument("--cache-dir", type=Path, help="also keep encodings on disk here (reused by later runs)")
-    _add_model_args(p)
     p.set_defaults(func=cmd_segment_volume)
+
+    p = sub.add_parser("robustness", help="segment a volume clean and under each corruption; Dice table")
+    _add_volume_args(p)
+    p.add_argument("--reference", type=Path,
+                   help="reference segmentation (.seg.nrrd or labels) for Dice vs ground truth; segments are "
+                        "matched to prompt objects by name")
+    p.add_argument("--corruptions", nargs="+", metavar="NAME", help="default: all 12 (see Training/README.md)")
+    p.add_argument("--severity", type=int, default=3, choices=[1, 2, 3, 4, 5],
+                   help="corruption severity (default 3, the RobustMedSAM paper's setting)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--csv", type=Path, help="also write the rows as CSV")
+    p.set_defaults(func=cmd_robustness)
 
     p = sub.add_parser("batch", help="segment many volumes (folder or CSV manifest); shards with torchrun")
     p.add_argument("--manifest", type=Path, help="CSV with columns volume, prompts, output [, axis, window, modality]")
