@@ -1,10 +1,28 @@
-"""Helpers shared by tests: geometry variants of the chest CT, and Slicer's own segmentation reader."""
+"""Helpers shared by tests: geometry variants of the chest CT, Slicer's own segmentation reader, and stand-in
+predictions."""
 from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
 
 from RobustMedSAMLib.volume_io import Volume
+
+
+def boxed_prediction(mask: np.ndarray, prompt, multimask: bool = False):
+    """A stand-in predictor's answer: ``mask`` (H, W) cut to the prompt's box (x0, y0, x1, y1; x = column),
+    repeated for multimask output, with confident logits and predicted IoU 0.9."""
+    from RobustMedSAMLib.prompts import Prediction
+
+    mask = np.asarray(mask, bool).copy()
+    if prompt.box is not None:
+        x0, y0, x1, y1 = (int(round(v)) for v in prompt.box)
+        region = np.zeros(mask.shape, dtype=bool)
+        region[max(y0, 0):y1, max(x0, 0):x1] = True
+        mask &= region
+    c = 3 if multimask else 1
+    masks = np.repeat(mask[None], c, axis=0)
+    return Prediction(masks, np.where(masks, 5.0, -5.0).astype(np.float32), np.full(c, 0.9, np.float32),
+                      np.zeros((c, 64, 64), np.float32))
 
 
 def rotation(deg_z, deg_x):

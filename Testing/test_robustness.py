@@ -9,11 +9,12 @@ import pytest
 from RobustMedSAMLib import corruptions
 from RobustMedSAMLib.cli import main as cli_main
 from RobustMedSAMLib.prompt_files import ObjectPrompts
-from RobustMedSAMLib.prompts import Prediction, Prompt
+from RobustMedSAMLib.prompts import Prompt
 from RobustMedSAMLib.robustness import dice, reference_masks, robustness_check, to_csv, to_markdown
 from RobustMedSAMLib.segmentation_io import SegmentInfo, Segmentation, write_segmentation
 from RobustMedSAMLib.volume_io import Volume
 from RobustMedSAMLib.volume_segmentation import uint8_volume
+from support import boxed_prediction
 
 
 class ThresholdPredictor:
@@ -24,17 +25,9 @@ class ThresholdPredictor:
         self.level = level
         self.seen = []
 
-    def predict(self, prompt: Prompt, multimask: bool = False, image=None, context=None) -> Prediction:
+    def predict(self, prompt: Prompt, multimask: bool = False, image=None, context=None):
         self.seen.append(hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest())
-        mask = image > self.level
-        x0, y0, x1, y1 = (int(round(v)) for v in prompt.box)
-        region = np.zeros(mask.shape, bool)
-        region[y0:y1, x0:x1] = True
-        mask &= region
-        c = 3 if multimask else 1
-        masks = np.repeat(mask[None], c, axis=0)
-        return Prediction(masks, np.where(masks, 5.0, -5.0).astype(np.float32), np.full(c, 0.9, np.float32),
-                          np.zeros((c, 16, 16), np.float32))
+        return boxed_prediction(image > self.level, prompt, multimask)
 
     def prefetch(self, image, context=""):
         return None

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from support import geometry_variants, load_with_slicer
+from support import boxed_prediction, geometry_variants, load_with_slicer
 
 from RobustMedSAMLib.prompt_files import ObjectPrompts, read_prompts
 from RobustMedSAMLib.prompts import Prediction, Prompt, box_from_mask
@@ -44,16 +44,7 @@ class OraclePredictor:
         self.calls += 1
         candidates = self.lookup[self._key(image)]
         assert all(np.array_equal(c, candidates[0]) for c in candidates), "ambiguous slice content"
-        mask = candidates[0].astype(bool).copy()
-        if prompt.box is not None:
-            x0, y0, x1, y1 = (int(round(v)) for v in prompt.box)
-            region = np.zeros(mask.shape, dtype=bool)
-            region[max(y0, 0):y1, max(x0, 0):x1] = True
-            mask &= region
-        c = 3 if multimask else 1
-        masks = np.repeat(mask[None], c, axis=0)
-        return Prediction(masks, np.where(masks, 5.0, -5.0).astype(np.float32), np.full(c, 0.9, np.float32),
-                          np.zeros((c, 64, 64), np.float32))
+        return boxed_prediction(candidates[0], prompt, multimask)
 
     def prefetch(self, image, context=""):
         return None
