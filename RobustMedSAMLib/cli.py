@@ -171,7 +171,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
         from .segmentation_io import check_output_path
 
         check_output_path(args.csv, kinds=(".csv",))
-    volume, objects, _ = _volume_inputs(args)
+    volume, objects, mapping = _volume_inputs(args)
     reference = None
     if args.reference:
         from .robustness import reference_masks
@@ -182,7 +182,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     predictor, options = _volume_predictor(args)
     bar = TextProgressBar("robustness", unit="runs")
     rows = robustness_check(volume, objects, predictor, corruption_names=args.corruptions, severity=args.severity,
-                            seed=args.seed, axis=args.axis or 0, modality=args.modality, window=_window(args.window),
+                            seed=args.seed, axis=args.axis or 0, images=mapping.apply(volume.array),
                             reference=reference, progress=lambda done, total, _msg: bar(done, total), **options)
     bar.close()
     if args.csv:

@@ -68,13 +68,14 @@ def reference_masks(reference: Segmentation, objects: Sequence[ObjectPrompts]) -
 def robustness_check(volume: Volume, objects: Sequence[ObjectPrompts], predictor, *,
                      corruption_names: Optional[Sequence[str]] = None, severity: int = 3, seed: int = 0,
                      axis: AxisLike = 0, modality: Optional[str] = None, window: Optional[WindowLike] = None,
-                     reference: Optional[Segmentation] = None,
+                     images: Optional[np.ndarray] = None, reference: Optional[Segmentation] = None,
                      progress: Optional[Callable[[int, int, str], None]] = None,
                      cancel: Optional[Callable[[], bool]] = None, **options) -> List[RobustnessRow]:
     """Segment ``objects`` on the clean volume and under each corruption; one row per object and condition.
 
     Arguments:
-        volume, objects, predictor, axis, modality, window: as :func:`~.volume_segmentation.segment_volume`.
+        volume, objects, predictor, axis, modality, window, images: as
+            :func:`~.volume_segmentation.segment_volume` (``images``: the clean volume already mapped to uint8).
         corruption_names: default all 12 (:func:`corruptions.names`); severity 1..5; seed: noise seed.
         reference: a segmentation on the volume's grid (``read_segmentation(path, reference=volume)``).
         progress: ``progress(done, total, message)`` with one unit per condition.
@@ -88,7 +89,7 @@ def robustness_check(volume: Volume, objects: Sequence[ObjectPrompts], predictor
         raise ValueError(f"severity must be one of {corruptions.SEVERITIES}, got {severity!r}")
     truth = reference_masks(reference, objects) if reference is not None else {}
     ax = volume.resolve_axis(axis)
-    clean_images = uint8_volume(volume, modality, window)
+    clean_images = uint8_volume(volume, modality, window) if images is None else images
     conditions = [(corruptions.CLEAR, 0)] + [(name, int(severity)) for name in names]
     clean: Dict[str, np.ndarray] = {}
     rows: List[RobustnessRow] = []
