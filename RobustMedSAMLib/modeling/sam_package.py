@@ -1,7 +1,7 @@
 """Use ``segment_anything.modeling`` without running ``segment_anything/__init__.py`` first.
 
 The package's ``__init__`` imports ``SamPredictor`` and ``SamAutomaticMaskGenerator``, which import
-torchvision: about 1.9 s and 0.17 GB of resident memory on the build machine, for code the engine never
+torchvision: about 1.9 s and 0.16 GiB of resident memory on the build machine, for code the engine never
 calls (it builds on the modeling classes only). :func:`defer_package_init` registers the package module
 without executing its ``__init__``; the submodules (``segment_anything.modeling``, ``.utils``, ...) import
 normally, and the first access to a name the ``__init__`` defines (``sam_model_registry``,
