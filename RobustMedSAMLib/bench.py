@@ -7,9 +7,9 @@ number). Measured in one process, with warm-up runs and medians over ``--repeats
 * **Encoder**: seconds per 1024 x 1024 slice of our encoder (fast path) and of segment_anything's eager
   ``ImageEncoderViT`` holding the same weights, timed alternately (so machine load affects both alike),
   their ratio, and the max abs difference of their embeddings and early (first global block) features.
-  The reference is timed twice: in this process, which our engine set up (its glibc allocator settings,
-  ``allocator.py``, also speed the reference up), and as segment_anything runs on its own, in a worker
-  process with the default allocator that waits while this one runs (``--reference-worker``).
+  The reference is timed twice: in this process, which carries our engine's process-wide glibc allocator
+  settings (``allocator.py``), and as segment_anything runs on its own, in a worker process with the default
+  allocator that waits while this one runs (``--reference-worker``); the speed-up is against the latter.
 * **GEMM rate and FLOP floor**: the fp32 GEMM rate of this machine on transformer-like shapes (ViT-B's
   ``4096 x 768 x 3072`` MLP, ``4096 x 3072 x 768``, ``4096 x 768 x 2304`` qkv; median of samples taken
   before and between the encoder runs) and our encoder time divided by ``encoder FLOPs / GEMM rate``. Encoder FLOPs (multiply-add = 2 FLOPs), with N = (S/p)^2 tokens of
