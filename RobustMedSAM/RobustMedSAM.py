@@ -437,6 +437,12 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
 
     process = segmentVolume
 
+    def robustnessCheck(self, volumeNode, objects, referenceSegmentationNode=None, **kwargs):
+        """See ``RobustMedSAMLogic.logic.RobustMedSAMBridgeLogic.robustnessCheck``: Dice of the objects under
+        each corruption vs clean (and vs a reference segmentation node); returns ``(rows, table node)``."""
+        self.setupPythonRequirements()
+        return self.bridge.robustnessCheck(volumeNode, objects, referenceSegmentationNode, **kwargs)
+
     def writeResult(self, volumeNode, result, segmentationNode=None):
         """Write an engine ``VolumeResult`` computed in a background thread (GUI thread, one undo step)."""
         b = self.bridge

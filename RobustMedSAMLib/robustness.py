@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -45,30 +45,36 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
-def reference_masks(reference: Segmentation, objects: Sequence[ObjectPrompts]) -> Dict[str, np.ndarray]:
-    """``{object name: (K, J, I) bool}`` from a reference segmentation on the volume's grid.
+def reference_masks(reference: Union[Segmentation, Mapping[str, np.ndarray]], objects: Sequence[ObjectPrompts]
+                    ) -> Dict[str, np.ndarray]:
+    """``{object name: (K, J, I) bool}`` from a reference on the volume's grid: a :class:`Segmentation` or
+    ``{segment name: (K, J, I) mask}`` (e.g. the segments of a Slicer segmentation node).
 
     Objects match segments by name (case-insensitive); a single object and a single segment match whatever
     their names. Raises ValueError naming both lists when an object has no match.
     """
-    by_name = {s.name.lower(): s for s in reference.segments}
+    if isinstance(reference, Segmentation):
+        named = {s.name: (lambda v=s.label_value: reference.labels == v) for s in reference.segments}
+    else:
+        named = {str(name): (lambda m=mask: np.asarray(m, bool)) for name, mask in reference.items()}
+    by_name = {name.lower(): name for name in named}
     out = {}
     for obj in objects:
-        seg = by_name.get(obj.name.lower())
-        if seg is None and len(objects) == 1 and len(reference.segments) == 1:
-            seg = reference.segments[0]
-        if seg is None:
+        name = by_name.get(obj.name.lower())
+        if name is None and len(objects) == 1 and len(named) == 1:
+            name = next(iter(named))
+        if name is None:
             raise ValueError(f"the reference segmentation has no segment named {obj.name!r} (it has: "
-                             f"{', '.join(s.name for s in reference.segments) or 'none'}); name the prompt objects "
-                             "like the reference segments")
-        out[obj.name] = reference.labels == seg.label_value
+                             f"{', '.join(named) or 'none'}); name the prompt objects like the reference segments")
+        out[obj.name] = named[name]()
     return out
 
 
 def robustness_check(volume: Volume, objects: Sequence[ObjectPrompts], predictor, *,
                      corruption_names: Optional[Sequence[str]] = None, severity: int = 3, seed: int = 0,
                      axis: AxisLike = 0, modality: Optional[str] = None, window: Optional[WindowLike] = None,
-                     images: Optional[np.ndarray] = None, reference: Optional[Segmentation] = None,
+                     images: Optional[np.ndarray] = None,
+                     reference: Optional[Union[Segmentation, Mapping[str, np.ndarray]]] = None,
                      progress: Optional[Callable[[int, int, str], None]] = None,
                      cancel: Optional[Callable[[], bool]] = None, **options) -> List[RobustnessRow]:
     """Segment ``objects`` on the clean volume and under each corruption; one row per object and condition.
@@ -77,7 +83,8 @@ def robustness_check(volume: Volume, objects: Sequence[ObjectPrompts], predictor
         volume, objects, predictor, axis, modality, window, images: as
             :func:`~.volume_segmentation.segment_volume` (``images``: the clean volume already mapped to uint8).
         corruption_names: default all 12 (:func:`corruptions.names`); severity 1..5; seed: noise seed.
-        reference: a segmentation on the volume's grid (``read_segmentation(path, reference=volume)``).
+        reference: a segmentation on the volume's grid (``read_segmentation(path, reference=volume)``) or
+            ``{segment name: (K, J, I) mask}``; see :func:`reference_masks`.
         progress: ``progress(done, total, message)`` with one unit per condition.
         options: propagation options passed to ``segment_volume`` (``iou_threshold``, ``projection``, ...).
     """

@@ -205,3 +205,37 @@ def test_segment_volume_logic_parameters_iou_plot(tiny_model):
     # the whole run (new segments and their voxels) is one undo step
     assert logic.undo(seg)
     assert seg.GetSegmentation().GetNumberOfSegments() == 0
+
+
+def test_robustness_check_on_volume_node_with_reference_node(tiny_model):
+    """The engine's robustness check through the bridge: reference = a segmentation node's segments."""
+    from RobustMedSAMLib.prompt_files import ObjectPrompts
+    from RobustMedSAMLogic.engine import EngineSession
+    from RobustMedSAMLogic.logic import RobustMedSAMBridgeLogic
+
+    scene, _ = make_headless_scene()
+    vol = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    arr = (np.random.default_rng(3).random((3, 32, 40)) * 80).astype(np.int16)
+    arr[:, 8:24, 10:30] += 500
+    slicer.util.updateVolumeFromArray(vol, arr)
+    vol.SetIJKToRASMatrix(volumes.to_vtk(np.diag([-0.8, -0.8, 2.0, 1.0])))
+    truth_mask = np.zeros(arr.shape, bool)
+    truth_mask[:, 8:24, 10:30] = True
+    ref = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "truth")
+    ref.CreateDefaultDisplayNodes()
+    ref.SetReferenceImageGeometryParameterFromVolumeNode(vol)
+    sid = ref.GetSegmentation().AddEmptySegment("bright", "Bright")  # matched by name, case-insensitive
+    slicer.util.updateSegmentBinaryLabelmapFromArray(truth_mask.astype(np.uint8), ref, sid, vol)
+    before = segments.snapshot(ref, vol)
+    logic = RobustMedSAMBridgeLogic(scene, EngineSession(loaded=tiny_model))
+    objects = [ObjectPrompts("bright", None, {1: Prompt(box=[10, 8, 30, 24])})]
+    rows, table = logic.robustnessCheck(vol, objects, ref, axis="k", corruptions=["gaussian_noise", "step_motion"],
+                                        iou_threshold=0.0)
+    assert [(r.corruption, r.object) for r in rows] == [("clear", "bright"), ("gaussian_noise", "bright"),
+                                                       ("step_motion", "bright")]
+    assert rows[0].dice_vs_clean == 1.0 and all(r.dice_vs_reference is not None for r in rows)
+    t = table.GetTable()
+    assert t.GetNumberOfRows() == 3 and t.GetColumnName(5) == "Dice vs reference"
+    assert t.GetColumnByName("Dice vs clean").GetValue(0) == 1.0
+    assert t.GetColumnByName("Dice vs reference").GetValue(2) == pytest.approx(rows[2].dice_vs_reference)
+    assert segments.same_snapshot(before, segments.snapshot(ref, vol))  # the reference is only read

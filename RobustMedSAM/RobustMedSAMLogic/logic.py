@@ -191,6 +191,54 @@ class RobustMedSAMBridgeLogic:
 
     process = segmentVolume
 
+    def robustnessCheck(self, volumeNode, objects, referenceSegmentationNode=None, *, axis="k",
+                        corruptions: Optional[Sequence[str]] = None, severity: int = 3, seed: int = 0,
+                        intensity="auto", engine=None, tableNode=None,
+                        progress: Optional[Callable[[int, int, str], None]] = None,
+                        cancel: Optional[Callable[[], bool]] = None, **options):
+        """The engine's robustness check (``RobustMedSAMLib.robustness``) on a volume node: the objects
+        segmented clean and under each corruption, Dice vs clean and vs the reference node's segments of the
+        same names. Writes nothing into segmentations; returns ``(rows, vtkMRMLTableNode)``.
+
+        ``options``: propagation options of the engine (``iou_threshold``, ``projection``, ...).
+        """
+        import vtk
+        from RobustMedSAMLib.robustness import robustness_check
+
+        engine = engine or self.engineSession()
+        volume = volumes.volume_from_node(volumeNode)
+        reference = None
+        if referenceSegmentationNode is not None:
+            segmentation = referenceSegmentationNode.GetSegmentation()
+            reference = {}
+            for n in range(segmentation.GetNumberOfSegments()):
+                sid = segmentation.GetNthSegmentID(n)
+                reference[segmentation.GetSegment(sid).GetName()] = volumes.segment_mask(
+                    referenceSegmentationNode, sid, volumeNode)
+        rows = robustness_check(volume, list(objects), engine.predictor, corruption_names=corruptions,
+                                severity=severity, seed=seed, axis=volume.resolve_axis(axis),
+                                images=engine.images(volumeNode, intensity), reference=reference,
+                                progress=progress, cancel=cancel, **options)
+        if tableNode is None:
+            tableNode = self.scene.AddNewNodeByClass("vtkMRMLTableNode", "RobustMedSAM robustness")
+        table = tableNode.GetTable()
+        table.Initialize()
+        columns = [("corruption", vtk.vtkStringArray), ("severity", vtk.vtkIntArray), ("object", vtk.vtkStringArray),
+                   ("voxels", vtk.vtkIntArray), ("Dice vs clean", vtk.vtkDoubleArray),
+                   ("Dice vs reference", vtk.vtkDoubleArray)]
+        arrays = []
+        for name, kind in columns:
+            arrays.append(kind())
+            arrays[-1].SetName(name)
+            table.AddColumn(arrays[-1])
+        for r in rows:
+            values = (r.corruption, r.severity, r.object, r.voxels, r.dice_vs_clean,
+                      float("nan") if r.dice_vs_reference is None else r.dice_vs_reference)
+            for array, value in zip(arrays, values):
+                array.InsertNextValue(value)
+        tableNode.Modified()
+        return rows, tableNode
+
     # reports -------------------------------------------------------------------------------------
     def iouTable(self, result, tableNode=None, name: str = "RobustMedSAM IoU"):
         """A ``vtkMRMLTableNode`` with per-slice predicted IoU (and inter-slice IoU) per object.
