@@ -177,8 +177,8 @@ def cmd_robustness(args: argparse.Namespace) -> int:
         from .robustness import reference_masks
         from .segmentation_io import read_segmentation
 
-        reference = read_segmentation(args.reference, reference=volume)
-        reference_masks(reference, objects)  # every object has its segment: checked before the model loads
+        # {object name: mask}: every object has its segment, checked before the model loads
+        reference = reference_masks(read_segmentation(args.reference, reference=volume), objects)
     predictor, options = _volume_predictor(args)
     bar = TextProgressBar("robustness", unit="runs")
     rows = robustness_check(volume, objects, predictor, corruption_names=args.corruptions, severity=args.severity,

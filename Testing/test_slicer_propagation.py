@@ -170,17 +170,23 @@ def test_background_task_reports_progress_result_and_failure():
     assert state.status == tasks.FAILED and "bad prompt" in state.message and "ValueError" in state.details
 
 
-def test_segment_volume_logic_parameters_iou_plot(tiny_model):
-    from RobustMedSAMLib.prompt_files import ObjectPrompts
-    from RobustMedSAMLogic.engine import EngineSession
-    from RobustMedSAMLogic.logic import RobustMedSAMBridgeLogic, Settings
-
+def _bright_box_scene():
+    """A headless scene with a 3 x 32 x 40 noisy CT-like volume holding a bright box at [:, 8:24, 10:30]."""
     scene, _ = make_headless_scene()
     vol = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
     arr = (np.random.default_rng(3).random((3, 32, 40)) * 80).astype(np.int16)
     arr[:, 8:24, 10:30] += 500
     slicer.util.updateVolumeFromArray(vol, arr)
     vol.SetIJKToRASMatrix(volumes.to_vtk(np.diag([-0.8, -0.8, 2.0, 1.0])))
+    return scene, vol, arr
+
+
+def test_segment_volume_logic_parameters_iou_plot(tiny_model):
+    from RobustMedSAMLib.prompt_files import ObjectPrompts
+    from RobustMedSAMLogic.engine import EngineSession
+    from RobustMedSAMLogic.logic import RobustMedSAMBridgeLogic, Settings
+
+    scene, vol, arr = _bright_box_scene()
     engine = EngineSession(loaded=tiny_model)
     logic = RobustMedSAMBridgeLogic(scene, engine)
     node = logic.getParameterNode()
@@ -213,12 +219,7 @@ def test_robustness_check_on_volume_node_with_reference_node(tiny_model):
     from RobustMedSAMLogic.engine import EngineSession
     from RobustMedSAMLogic.logic import RobustMedSAMBridgeLogic
 
-    scene, _ = make_headless_scene()
-    vol = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
-    arr = (np.random.default_rng(3).random((3, 32, 40)) * 80).astype(np.int16)
-    arr[:, 8:24, 10:30] += 500
-    slicer.util.updateVolumeFromArray(vol, arr)
-    vol.SetIJKToRASMatrix(volumes.to_vtk(np.diag([-0.8, -0.8, 2.0, 1.0])))
+    scene, vol, arr = _bright_box_scene()
     truth_mask = np.zeros(arr.shape, bool)
     truth_mask[:, 8:24, 10:30] = True
     ref = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "truth")
