@@ -9,7 +9,7 @@ import torch
 
 from RobustMedSAMLib.modeling import TINY, VIT_B, build_model
 from RobustMedSAMLib.modeling.model import ImageEncoding
-from RobustMedSAMLib.modeling.robust_blocks import FGMBlock, SampleBatchNorm2d, Selector, TokenBlock
+from RobustMedSAMLib.modeling.robust_blocks import FeatureBlock, FGMBlock, SampleBatchNorm2d, Selector, TokenBlock
 from RobustMedSAMLib.seeded import seed_module, seeded_array
 
 
@@ -246,3 +246,20 @@ def test_selector_mix_equals_upsampled_attention(shape):
     a.requires_grad_(True)
     sel.mix(x, a, b).sum().backward()  # differentiable (training uses it)
     assert torch.equal(a.grad, att1.detach())
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("robust", [True, False])
+def test_projected_mask_features_equal_projecting_the_full_features(k, robust):
+    """The folded last conv (tap GEMM + shifted adds) equals ``hyper @ forward(x)`` per pixel."""
+    block = FeatureBlock(8, 64, "downsample")
+    seed_module(block, 4)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 12, 20, generator=gen)
+    hyper = torch.randn(2, k, 8, generator=gen)
+    with torch.no_grad():
+        full = torch.einsum("bkc,bchw->bkhw", hyper, block(x, robust=robust))
+        folded = block.projected(x, hyper, robust=robust)
+    assert folded.shape == (2, k, 12, 20)
+    torch.testing.assert_close(folded, full, atol=1e-5, rtol=1e-5)
+    assert full.abs().max() > 0.1 and full[:, :, 0].abs().max() > 0.1  # border pixels are not all zero
