@@ -136,6 +136,7 @@ def run_part(part: str, quick: bool, slices: int) -> Dict[str, Any]:
     from .predictor import Predictor
 
     mem = PeakMemory()
+    imported = mem.current()  # torch and the engine imported, nothing built yet (the CUDA builds map more)
     name = _model_name(quick)
     if part in ("encoder-reference", "encoder-fast"):
         from .models import get_config
@@ -172,8 +173,8 @@ def run_part(part: str, quick: bool, slices: int) -> Dict[str, Any]:
     exact = mem.reset()
     job()
     cached = predictor.cache.bytes if part in ("decoder", "propagation") else 0
-    return {"part": part, "baseline_bytes": baseline, "peak_bytes": mem.peak(), "peak_since_reset": exact,
-            "cache_bytes": cached}
+    return {"part": part, "import_bytes": imported, "baseline_bytes": baseline, "peak_bytes": mem.peak(),
+            "peak_since_reset": exact, "cache_bytes": cached}
 
 
 def measure_memory(quick: bool, slices: int, log: Callable[[str], None]) -> Dict[str, Any]:
@@ -449,7 +450,8 @@ def format_table(res: Dict[str, Any]) -> str:
                      f" (before the pass: {_gb(base)})"))
         rows.append(("peak RSS: prompt -> mask / propagation (full model)",
                      f"{_gb(mem['decoder']['peak_bytes'])} / {_gb(mem['propagation']['peak_bytes'])}"
-                     f" (model loaded: {_gb(mem['propagation']['baseline_bytes'])})"))
+                     f" (model loaded: {_gb(mem['propagation']['baseline_bytes'])}, of which importing torch "
+                     f"{c['torch']}: {_gb(mem['propagation'].get('import_bytes'))})"))
         held = mem["propagation"].get("cache_bytes") or 0
         rows.append(("peak RSS of the propagation without its cached encodings",
                      f"{_gb(mem['propagation']['peak_bytes'] - held)} ({_gb(held)} cached)"))

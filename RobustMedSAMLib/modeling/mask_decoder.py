@@ -123,8 +123,11 @@ class RobustMaskDecoder(MaskDecoder):
         output_tokens = torch.cat([self.iou_token.weight, first], dim=0)
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings), dim=1)
 
-        src = _expand(image_embeddings, b) + dense_prompt_embeddings
-        pos_src = _expand(image_pe, b)
+        # The transformer flattens (B, C, H, W) to tokens (B, H*W, C): for channels-last inputs that is a contiguous
+        # view, so its (tokens + pe) adds and 4096-row projections run on contiguous memory (same numbers).
+        cl = torch.channels_last
+        src = (_expand(image_embeddings, b) + dense_prompt_embeddings).contiguous(memory_format=cl)
+        pos_src = _expand(image_pe.contiguous(memory_format=cl), b)
         _, c, h, w = src.shape
         hs, src = self.transformer(src, pos_src, tokens)
         iou_token_out = hs[:, 0, :]
