@@ -132,6 +132,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.installButton.connect("clicked(bool)", self.onInstall)
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
         self.ui.undoButton.connect("clicked(bool)", self.onUndo)
+        self.ui.robustnessButton.connect("clicked(bool)", self.onRobustness)
         self.initializeParameterNode()
         qt.QTimer.singleShot(0, self._detectDevices)
 
@@ -260,6 +261,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         running = self.task is not None and self.task.running
         hasInputs = self.ui.inputVolumeSelector.currentNode() is not None and len(self.ui.markupsSelector.checkedNodes()) > 0
         self.ui.applyButton.enabled = hasInputs and not running
+        self.ui.robustnessButton.enabled = hasInputs and not running
         self.ui.downloadButton.enabled = not running
         self.ui.cancelButton.enabled = running
         self.ui.cancelDownloadButton.enabled = running
@@ -322,6 +324,38 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
             self._onDone = done
             self._startTask(BackgroundTask(work, "RobustMedSAM segmentation"), "segmenting...")
+
+    def onRobustness(self):
+        """The same volume and prompts segmented clean and under each chosen corruption (background task);
+        the Dice table goes into a table node shown in the layout. Nothing is written into segmentations."""
+        with slicer.util.tryWithErrorDisplay(_("The robustness check failed."), waitCursor=True):
+            self.logic.setupPythonRequirements()
+            from RobustMedSAMLogic.tasks import BackgroundTask
+
+            volumeNode = self.ui.inputVolumeSelector.currentNode()
+            s = self.logic.settings()
+            names = [n for n in self.ui.corruptionsLineEdit.text.replace(",", " ").split() if n]
+            objects = self.logic.promptsFromMarkups(self.ui.markupsSelector.checkedNodes(), volumeNode, s.axis)
+            work = self.logic.robustnessJob(
+                volumeNode, objects, self.ui.referenceSegmentationSelector.currentNode(), axis=s.axis,
+                corruptions=names or None, severity=int(self.ui.severitySpinBox.value), intensity=s.intensity,
+                iou_threshold=s.iouThreshold, projection=s.projection, box_extension=s.boxExtension,
+                propagate_volume=s.propagate)
+
+            def done(rows):
+                table = self.logic.robustnessTable(rows)
+                slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
+                slicer.app.applicationLogic().PropagateTableSelection()
+                worst = {}
+                for r in rows:
+                    if r.object not in worst or r.dice_vs_clean < worst[r.object][0]:
+                        worst[r.object] = (r.dice_vs_clean, r.corruption)
+                self.ui.statusLabel.text = "lowest Dice vs clean: " + ", ".join(
+                    f"{name} {d:.2f} ({c})" for name, (d, c) in worst.items())
+
+            self._onDone = done
+            self._startTask(BackgroundTask(lambda t: work(t.progress, t.cancelled), "RobustMedSAM robustness check"),
+                            "checking robustness...")
 
     def onPoll(self):
         if self.task is None:
@@ -442,6 +476,13 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         each corruption vs clean (and vs a reference segmentation node); returns ``(rows, table node)``."""
         self.setupPythonRequirements()
         return self.bridge.robustnessCheck(volumeNode, objects, referenceSegmentationNode, **kwargs)
+
+    def robustnessJob(self, volumeNode, objects, referenceSegmentationNode=None, **kwargs):
+        """See ``RobustMedSAMBridgeLogic.robustnessJob``: checks and reads in this thread, returns the work."""
+        return self.bridge.robustnessJob(volumeNode, objects, referenceSegmentationNode, **kwargs)
+
+    def robustnessTable(self, rows, tableNode=None):
+        return self.bridge.robustnessTable(rows, tableNode)
 
     def writeResult(self, volumeNode, result, segmentationNode=None):
         """Write an engine ``VolumeResult`` computed in a background thread (GUI thread, one undo step)."""

@@ -70,6 +70,18 @@ def reference_masks(reference: Union[Segmentation, Mapping[str, np.ndarray]], ob
     return out
 
 
+def check_conditions(corruption_names: Optional[Sequence[str]], severity: int) -> List[str]:
+    """The corruption names to run (default: all 12, :func:`corruptions.names`); raises ValueError naming the
+    valid choices for an unknown name or a severity outside 1..5."""
+    names = list(corruptions.names() if corruption_names is None else corruption_names)
+    for name in names:
+        if name not in corruptions.names():
+            raise ValueError(f"unknown corruption {name!r}; use one of: {', '.join(corruptions.names())}")
+    if int(severity) not in corruptions.SEVERITIES:
+        raise ValueError(f"severity must be one of {corruptions.SEVERITIES}, got {severity!r}")
+    return names
+
+
 def robustness_check(volume: Volume, objects: Sequence[ObjectPrompts], predictor, *,
                      corruption_names: Optional[Sequence[str]] = None, severity: int = 3, seed: int = 0,
                      axis: AxisLike = 0, modality: Optional[str] = None, window: Optional[WindowLike] = None,
@@ -88,12 +100,7 @@ def robustness_check(volume: Volume, objects: Sequence[ObjectPrompts], predictor
         progress: ``progress(done, total, message)`` with one unit per condition.
         options: propagation options passed to ``segment_volume`` (``iou_threshold``, ``projection``, ...).
     """
-    names = list(corruptions.names() if corruption_names is None else corruption_names)
-    for name in names:  # fail before any model work
-        if name not in corruptions.names():
-            raise ValueError(f"unknown corruption {name!r}; use one of: {', '.join(corruptions.names())}")
-    if int(severity) not in corruptions.SEVERITIES:
-        raise ValueError(f"severity must be one of {corruptions.SEVERITIES}, got {severity!r}")
+    names = check_conditions(corruption_names, severity)  # fail before any model work
     truth = reference_masks(reference, objects) if reference is not None else {}
     ax = volume.resolve_axis(axis)
     clean_images = uint8_volume(volume, modality, window) if images is None else images

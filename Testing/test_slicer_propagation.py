@@ -240,3 +240,40 @@ def test_robustness_check_on_volume_node_with_reference_node(tiny_model):
     assert t.GetColumnByName("Dice vs clean").GetValue(0) == 1.0
     assert t.GetColumnByName("Dice vs reference").GetValue(2) == pytest.approx(rows[2].dice_vs_reference)
     assert segments.same_snapshot(before, segments.snapshot(ref, vol))  # the reference is only read
+
+
+def test_robustness_job_checks_in_the_calling_thread_and_works_in_another(tiny_model):
+    """The panel's split: robustnessJob refuses bad input at once (no model work); its work runs in a
+    background thread without touching MRML and gives the rows robustnessCheck gives."""
+    import threading
+
+    from RobustMedSAMLib.prompt_files import ObjectPrompts
+    from RobustMedSAMLogic.engine import EngineSession
+    from RobustMedSAMLogic.logic import RobustMedSAMBridgeLogic
+
+    scene, vol, arr = _bright_box_scene()
+    ref = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "truth")
+    ref.SetReferenceImageGeometryParameterFromVolumeNode(vol)
+    ref.GetSegmentation().AddEmptySegment("liver", "liver")
+    engine = EngineSession(loaded=tiny_model)
+    logic = RobustMedSAMBridgeLogic(scene, engine)
+    objects = [ObjectPrompts("bright", None, {1: Prompt(box=[10, 8, 30, 24])}),
+               ObjectPrompts("dark", None, {1: Prompt(box=[2, 2, 8, 8])})]
+    calls = engine.predictor.encoder_calls
+    with pytest.raises(ValueError, match="unknown corruption 'snow'"):
+        logic.robustnessJob(vol, objects, corruptions=["snow"])
+    with pytest.raises(ValueError, match="severity must be one of"):
+        logic.robustnessJob(vol, objects, severity=7)
+    with pytest.raises(ValueError, match="no segment named 'bright'.*liver"):
+        logic.robustnessJob(vol, objects, ref)
+    assert engine.predictor.encoder_calls == calls  # refused before any model work
+    kwargs = dict(axis="k", corruptions=["gaussian_noise"], iou_threshold=0.0)
+    work = logic.robustnessJob(vol, objects[:1], **kwargs)
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(rows=work()))
+    thread.start()
+    thread.join(120)
+    expected, table = logic.robustnessCheck(vol, objects[:1], **kwargs)
+    assert [(r.corruption, r.voxels, r.dice_vs_clean) for r in out["rows"]] == \
+        [(r.corruption, r.voxels, r.dice_vs_clean) for r in expected]
+    assert out["rows"][0].voxels > 0 and table.GetTable().GetNumberOfRows() == 2

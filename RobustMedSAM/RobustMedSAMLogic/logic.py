@@ -191,34 +191,58 @@ class RobustMedSAMBridgeLogic:
 
     process = segmentVolume
 
-    def robustnessCheck(self, volumeNode, objects, referenceSegmentationNode=None, *, axis="k",
-                        corruptions: Optional[Sequence[str]] = None, severity: int = 3, seed: int = 0,
-                        intensity="auto", engine=None, tableNode=None,
+    def robustnessCheck(self, volumeNode, objects, referenceSegmentationNode=None, *, tableNode=None,
                         progress: Optional[Callable[[int, int, str], None]] = None,
-                        cancel: Optional[Callable[[], bool]] = None, **options):
+                        cancel: Optional[Callable[[], bool]] = None, **kwargs):
         """The engine's robustness check (``RobustMedSAMLib.robustness``) on a volume node: the objects
         segmented clean and under each corruption, Dice vs clean and vs the reference node's segments of the
         same names. Writes nothing into segmentations; returns ``(rows, vtkMRMLTableNode)``.
 
-        ``options``: propagation options of the engine (``iou_threshold``, ``projection``, ...).
+        ``kwargs``: those of :meth:`robustnessJob`.
         """
-        import vtk
-        from RobustMedSAMLib.robustness import robustness_check
+        rows = self.robustnessJob(volumeNode, objects, referenceSegmentationNode, **kwargs)(progress, cancel)
+        return rows, self.robustnessTable(rows, tableNode)
 
+    def robustnessJob(self, volumeNode, objects, referenceSegmentationNode=None, *, axis="k",
+                      corruptions: Optional[Sequence[str]] = None, severity: int = 3, seed: int = 0,
+                      intensity="auto", engine=None, **options):
+        """Read and check everything in the calling (GUI) thread; returns ``work(progress=None, cancel=None)
+        -> rows``, which runs the model and touches no MRML node (safe in a background thread).
+
+        Bad corruption names, severity or reference segment names raise ValueError here, before any model
+        work. ``options``: propagation options of the engine (``iou_threshold``, ``projection``, ...).
+        """
+        from RobustMedSAMLib.robustness import check_conditions, reference_masks, robustness_check
+
+        names = check_conditions(corruptions, severity)
         engine = engine or self.engineSession()
+        objects = list(objects)
         volume = volumes.volume_from_node(volumeNode)
         reference = None
         if referenceSegmentationNode is not None:
             segmentation = referenceSegmentationNode.GetSegmentation()
-            reference = {}
+            named = {}
             for n in range(segmentation.GetNumberOfSegments()):
                 sid = segmentation.GetNthSegmentID(n)
-                reference[segmentation.GetSegment(sid).GetName()] = volumes.segment_mask(
+                named[segmentation.GetSegment(sid).GetName()] = volumes.segment_mask(
                     referenceSegmentationNode, sid, volumeNode)
-        rows = robustness_check(volume, list(objects), engine.predictor, corruption_names=corruptions,
-                                severity=severity, seed=seed, axis=volume.resolve_axis(axis),
-                                images=engine.images(volumeNode, intensity), reference=reference,
-                                progress=progress, cancel=cancel, **options)
+            reference = reference_masks(named, objects)  # {object name: mask}; raises on a missing name
+        images = engine.images(volumeNode, intensity)
+        ax = volume.resolve_axis(axis)
+
+        def work(progress=None, cancel=None):
+            engine.load(cancel=cancel)
+            return robustness_check(volume, objects, engine.predictor, corruption_names=names, severity=severity,
+                                    seed=seed, axis=ax, images=images, reference=reference, progress=progress,
+                                    cancel=cancel, **options)
+
+        return work
+
+    def robustnessTable(self, rows, tableNode=None):
+        """A ``vtkMRMLTableNode`` of robustness rows: corruption, severity, object, voxels, Dice vs clean,
+        Dice vs reference (NaN without a reference)."""
+        import vtk
+
         if tableNode is None:
             tableNode = self.scene.AddNewNodeByClass("vtkMRMLTableNode", "RobustMedSAM robustness")
         table = tableNode.GetTable()
@@ -237,7 +261,7 @@ class RobustMedSAMBridgeLogic:
             for array, value in zip(arrays, values):
                 array.InsertNextValue(value)
         tableNode.Modified()
-        return rows, tableNode
+        return tableNode
 
     # reports -------------------------------------------------------------------------------------
     def iouTable(self, result, tableNode=None, name: str = "RobustMedSAM IoU"):
