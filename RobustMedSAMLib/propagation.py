@@ -20,8 +20,10 @@ along one voxel axis; which axis is the caller's business (docs/coordinates.md).
    its two neighbours. Inside a gap an empty prediction is not written and ends that side (there is
    nothing left to prompt from); it is listed in ``PropagationResult.gap_stops``.
 
-An empty seed mask is an error, except micro-sam's "stop slice": the lowest seed may be empty when
-``stop_lower`` is set (the object ends above it) and the highest when ``stop_upper`` is set.
+Empty seed masks: micro-sam's "stop slice" -- the lowest seed may be empty when ``stop_lower`` is set (the
+object ends above it) and the highest when ``stop_upper`` is set; and a seed between two others may be empty
+(the object is absent on that slice: each gap next to it is filled from its other seed only, and nothing
+between two empty seeds). An empty extreme seed without its stop flag is an error (nothing to extrapolate).
 
 :func:`repropagate` recomputes only what depends on one edited/added seed slice; see its docstring.
 
@@ -233,14 +235,14 @@ def _check_seeds(seeds: Mapping[int, np.ndarray], opts: _Options, shape: Tuple[i
             raise ValueError(f"seed mask of slice {index} has shape {arr.shape}, the slices are {tuple(shape)}")
         out[index] = arr
     order = sorted(out)
-    for index in order:
-        if out[index].any():
-            continue
-        if (index == order[0] and opts.stop_lower) or (index == order[-1] and opts.stop_upper):
+    for pos, index in enumerate(order):
+        if out[index].any() or 0 < pos < len(order) - 1:
+            continue  # an empty seed between two others: the object is absent there
+        if (pos == 0 and opts.stop_lower) or (pos == len(order) - 1 and opts.stop_upper):
             continue  # micro-sam's stop slice
         raise ValueError(
-            f"seed mask of slice {index} is empty: every seed needs at least one foreground pixel (only the "
-            "lowest seed with stop_lower=True or the highest with stop_upper=True may be an empty stop slice)")
+            f"seed mask of slice {index} is empty: the lowest and highest seeds need at least one foreground "
+            "pixel (unless stop_lower=True / stop_upper=True makes them empty stop slices)")
     if not any(out[i].any() for i in order):
         raise ValueError(f"all seed masks are empty (slices {order}): nothing to propagate")
     return out
@@ -253,7 +255,8 @@ class _Segment:
     kind: str            # "lower" | "upper" | "gap"
     start: int           # the seed it grows from (lower/upper) or the lower seed a (gap)
     end: int             # the last allowed slice (lower/upper) or the upper seed b (gap)
-    mode: str            # lower/upper: "run" | "stop_flag" | "no_seed_side"; gap: "both" | "from_upper" | "from_lower"
+    mode: str            # lower/upper: "run" | "stop_flag" | "no_seed_side";
+                         # gap: "both" | "from_upper" | "from_lower" | "none" (both seeds empty)
     key: Tuple[Any, ...]  # everything the segment's output depends on besides its seed masks
 
     @property
@@ -271,7 +274,7 @@ class _Segment:
     def expected(self) -> int:
         """Number of predictions if nothing stops early."""
         if self.kind == "gap":
-            return self.end - self.start - 1
+            return 0 if self.mode == "none" else self.end - self.start - 1
         if self.mode != "run":
             return 0
         return abs(self.end - self.start)
@@ -290,9 +293,11 @@ def _plan(seed_order: Sequence[int], empty: Mapping[int, bool], opts: _Options) 
     for a, b in zip(seed_order[:-1], seed_order[1:]):
         if b - a == 1:
             continue
-        if empty[a]:        # a is the (empty) lowest stop slice
+        if empty[a] and empty[b]:  # the object is absent on both: nothing to grow from
+            mode = "none"
+        elif empty[a]:      # a is an empty stop or absent slice
             mode = "from_upper"
-        elif empty[b]:      # b is the (empty) highest stop slice
+        elif empty[b]:
             mode = "from_lower"
         elif a == z0 and opts.stop_lower:
             mode = "from_upper"
@@ -398,7 +403,7 @@ class _Runner:
     def fill_gap(self, seg: _Segment) -> None:
         a, b = seg.start, seg.end
         diff = b - a
-        if diff <= 1:
+        if diff <= 1 or seg.mode == "none":
             return
         if seg.mode == "from_upper":
             self._chain(b, a + 1, -1)
@@ -509,7 +514,8 @@ def repropagate(segmenter: SliceSegmenter, previous: PropagationResult, index: i
     An empty ``new_mask`` (the user erased the slice) at or beyond the highest seed means "the object ends
     before this slice": it becomes an empty stop seed with ``stop_upper`` (at or below the lowest seed:
     ``stop_lower``), so nothing is extrapolated past it and the gap up to it is filled from the other side
-    only, stopping by the usual rules. Elsewhere an empty slice is an error, as in :func:`propagate`.
+    only, stopping by the usual rules. Between seeds it means "the object is absent on this slice": an empty
+    seed there, and each gap next to it is filled from its other seed only (see :func:`propagate`).
 
     Options left as None are taken from ``previous.options`` (pass ``slice_range=(0, num_slices - 1)`` to
     drop a previous range); changing an option recomputes the pieces it affects. ``previous`` and

@@ -298,8 +298,8 @@ def test_empty_stop_seed_and_empty_seed_errors():
     assert not res.masks[3].any() and res.slices[3].source == "seed"
     with pytest.raises(ValueError, match="slice 3 is empty"):
         propagate(Echo(ref), {3: empty, 8: ref[8]})
-    with pytest.raises(ValueError, match="slice 5 is empty"):
-        propagate(Echo(ref), {3: ref[3], 5: empty, 8: ref[8]}, stop_lower=True, stop_upper=True)
+    with pytest.raises(ValueError, match="slice 8 is empty"):
+        propagate(Echo(ref), {3: ref[3], 5: ref[5], 8: empty})
     with pytest.raises(ValueError, match="slice 4 is empty"):
         propagate(Echo(ref), {4: empty})
     with pytest.raises(ValueError, match="shape"):
@@ -617,9 +617,41 @@ def test_repropagate_erased_slice_beyond_the_seeds_ends_the_object():
     low = repropagate(Counting(ref), res, 6, empty)
     assert not low.masks[:7].any() and all(low.masks[z].any() for z in range(7, 17)) and not low.masks[17:].any()
     assert low.options["stop_lower"] is True and low.options["stop_upper"] is True
-    # inside a gap, or with an explicit "no stop", an empty slice is still an error
-    two = propagate(Oracle(ref), {8: ref[8], 16: ref[16]}, iou_threshold=0.0)
-    with pytest.raises(ValueError, match="empty"):
-        repropagate(Oracle(ref), two, 12, empty)
+    # with an explicit "no stop" an empty extreme slice is still an error
     with pytest.raises(ValueError, match="empty"):
         repropagate(Oracle(ref), first, 17, empty, stop_upper=False)
+
+
+def test_empty_seed_between_seeds_splits_the_gap():
+    """An empty seed between two others: the object is absent there; each side is filled from its other seed
+    only (no IoU stopping, as in any gap), nothing between two empty seeds."""
+    ref = drifting_disks(z=14)
+    empty = np.zeros_like(ref[0])
+    seg = Echo(ref)
+    res = propagate(seg, {2: ref[2], 6: empty, 11: ref[11]})
+    # lower 1, 0; upper 12, 13; gap (2, 6) from 2 upwards; gap (6, 11) from 11 downwards
+    assert seg.indices == [1, 0, 12, 13, 3, 4, 5, 10, 9, 8, 7]
+    assert not res.masks[6].any() and res.slices[6].source == "seed"
+    assert [res.slices[z].from_index for z in (3, 4, 5, 7, 8, 9, 10)] == [2, 3, 4, 8, 9, 10, 11]
+    expected = ref.copy()
+    expected[6] = False
+    assert np.array_equal(res.masks, expected)
+    # two empty seeds next to each other across a gap: nothing is predicted between them
+    seg = Echo(ref)
+    res = propagate(seg, {2: ref[2], 5: empty, 8: empty, 11: ref[11]}, stop_lower=True, stop_upper=True)
+    assert seg.indices == [3, 4, 10, 9]
+    assert not res.masks[5:9].any() and res.masks[9].any() and res.masks[4].any()
+
+
+def test_repropagate_erased_slice_inside_a_gap():
+    """The user erases a slice between two seeds: it stays empty and both sub-gaps are redone one-sided."""
+    ref = sphere(z=24, center=(12, 20, 20), r=8)
+    empty = np.zeros_like(ref[0])
+    two = propagate(Oracle(ref), {8: ref[8], 16: ref[16]}, iou_threshold=0.0)
+    seg = Counting(ref)
+    res = repropagate(seg, two, 12, empty)
+    assert set(seg.counts()) == {9, 10, 11, 13, 14, 15}  # only the two sub-gaps
+    assert not res.masks[12].any() and all(res.masks[z].any() for z in range(4, 21) if z != 12)
+    assert np.array_equal(res.masks[:9], two.masks[:9]) and np.array_equal(res.masks[16:], two.masks[16:])
+    assert res.options["stop_lower"] is False and res.options["stop_upper"] is False
+    _assert_same(res, propagate(Oracle(ref), {8: ref[8], 12: empty, 16: ref[16]}, iou_threshold=0.0))

@@ -124,6 +124,17 @@ def test_propagate_preview_apply_undo_and_repropagate(setup):
     assert not got[7:].any()
     np.testing.assert_array_equal(got[6], corrected)
     np.testing.assert_array_equal(got[2:6], truth()[2:6])
+    # the user erases slice 5, between the seeds 4 and 6 (the object is absent there): it stays empty
+    writer.replace_slice(sid, 0, 5, np.zeros(SHAPE[1:], bool))
+    plan = session.plan(PropagationOptions(axis=0, iou_threshold=0.3))
+    assert plan.mode == "repropagate" and plan.changed == [5]
+    result = session.compute(plan)
+    assert 5 in result.seeds and not result.masks[5].any()
+    session.apply()
+    got = volumes.segment_mask(seg, sid, vol)
+    assert not got[5].any() and not got[7:].any()
+    np.testing.assert_array_equal(got[6], corrected)
+    np.testing.assert_array_equal(got[2:5], truth()[2:5])
 
 
 @pytest.mark.parametrize("how", ["cancel", "fail", "cancel_in_thread"])

@@ -167,7 +167,8 @@ def test_overlapping_objects_are_kept_in_seg_nrrd_layers(variants, tmp_path):
 
 def test_gpu_style_lookahead_encodes_ahead_and_gives_the_same_result(tiny_model):
     """With a lookahead (4 on CUDA), slices are encoded in batches in the propagation direction; the
-    segmentation is the same as encoding one reached slice at a time."""
+    segmentation is the same as encoding one reached slice at a time (up to float rounding: a batched
+    encoder pass rounds differently, ~1e-5 on the robust features, which can flip a pixel at the threshold)."""
     from RobustMedSAMLib.predictor import Predictor
     from RobustMedSAMLib.volume_segmentation import VolumeSegmenter, segment_object
 
@@ -185,7 +186,9 @@ def test_gpu_style_lookahead_encodes_ahead_and_gives_the_same_result(tiny_model)
         stack, _, prop = segment_object(segmenter, obj, iou_threshold=0.0)
         results[lookahead] = (stack, predictor.encoder_calls, prop)
         assert max(sizes) == lookahead
-    np.testing.assert_array_equal(results[1][0], results[3][0])
+    one, batched = results[1][0], results[3][0]
+    assert results[1][2].predicted == results[3][2].predicted  # the same slices, in the same order
+    assert (one != batched).sum() <= one.size // 10000 and 2 * (one & batched).sum() / (one.sum() + batched.sum()) > 0.999
     reached = len(results[1][2].predicted) + 1  # every predicted slice plus the seed slice
     assert results[1][1] == reached
     assert reached <= results[3][1] <= reached + 2 * 2  # at most lookahead-1 wasted slices per direction

@@ -51,8 +51,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 "effect) to the neighbouring slices, until consecutive slices overlap less than the IoU threshold."
                 "<p><b>Propagate</b> computes a preview (Cancel stops it; nothing is changed), <b>Apply</b> writes it "
                 "in one undoable step. After correcting a slice, Propagate again: only the slices that depend on "
-                "the correction are recomputed. Erasing a slice beyond the drawn slices ends the object there."
-                "</html>")
+                "the correction are recomputed. Erasing a slice beyond the drawn slices ends the object there; "
+                "a slice erased between drawn slices stays empty.</html>")
 
     # options -----------------------------------------------------------------------------------------
     def setupOptionsFrame(self):
