@@ -153,8 +153,9 @@ def test_requirements_file():
                                                 requirement_name, satisfies)
 
     reqs = read_requirements(MODULE_DIR / "Resources" / "requirements.txt")
-    assert {requirement_name(r) for r in reqs} == {"torch", "torchvision", "segment-anything", "safetensors", "slicerio"}
-    versions = {"torch": "2.3.1+cu121", "torchvision": "0.18.1", "segment-anything": "1.0", "safetensors": "0.3.0"}
+    # no torchvision: the engine never imports it (modeling.sam_package); PyTorchUtils installs it anyway
+    assert {requirement_name(r) for r in reqs} == {"torch", "segment-anything", "safetensors", "slicerio"}
+    versions = {"torch": "2.3.1+cu121", "segment-anything": "1.0", "safetensors": "0.3.0"}
 
     def version_of(name):
         if name.lower() not in versions:
@@ -164,6 +165,7 @@ def test_requirements_file():
     assert missing_requirements(reqs, version_of) == ["safetensors>=0.4", "slicerio>=1.4"]
     torch_needed, others = plan_installation(reqs + ["numpy>=99"], version_of)
     assert not torch_needed and others == ["safetensors>=0.4", "slicerio>=1.4"]  # numpy is Slicer's: never installed
+    assert plan_installation(["torch>=2.0"], lambda name: {"torch": "1.13.1"}[name])[0]  # too old: PyTorchUtils
     assert satisfies("2.3.1+cu121", ">=2.0") and not satisfies("1.13.1", ">=2.0")
     assert missing_requirements(reqs) == []  # this test environment has everything
 

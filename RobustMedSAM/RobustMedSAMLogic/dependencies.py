@@ -1,8 +1,9 @@
 """Python requirements of the extension, and installing them inside Slicer on first use.
 
-``Resources/requirements.txt`` lists what Slicer does not ship (torch and torchvision come from the
-PyTorch extension's ``PyTorchUtils``, which picks the CUDA or CPU build; numpy, scipy, Pillow and SimpleITK
-are part of Slicer and are never reinstalled). :func:`missing_requirements` is pure Python (tested);
+``Resources/requirements.txt`` lists what Slicer does not ship (torch comes from the PyTorch extension's
+``PyTorchUtils``, which picks the CUDA or CPU build and also installs torchvision, which the engine does not
+need; numpy, scipy, Pillow and SimpleITK are part of Slicer and are never reinstalled).
+:func:`missing_requirements` is pure Python (tested);
 :func:`ensure_dependencies` uses Slicer (one confirmation for everything, then PyTorchUtils for torch and
 ``slicer.packaging.pip_ensure`` (Slicer >= 5.12) or ``slicer.util.pip_install`` for the rest).
 """
@@ -14,10 +15,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 #: shipped with Slicer: never installed or upgraded by this extension
 SLICER_PROVIDED = ("numpy", "scipy", "pillow", "simpleitk")
-#: installed through the PyTorch extension (CUDA/CPU build chosen by light-the-torch)
+#: installed through the PyTorch extension (CUDA/CPU build chosen by light-the-torch), never by pip here
 TORCH_PACKAGES = ("torch", "torchvision")
 TORCH_REQUIREMENT = ">=2.0"
-TORCHVISION_REQUIREMENT = ">=0.15"
 
 _REQ = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*(.*?)\s*(;.*)?$")
 
@@ -105,8 +105,7 @@ def missing_requirements(requirements: Sequence[str], version_of: Optional[Calla
 def plan_installation(requirements: Sequence[str], version_of=None) -> Tuple[bool, List[str]]:
     """``(torch needed, other missing requirements)``; Slicer-provided packages are never listed."""
     missing = missing_requirements(requirements, version_of)
-    torch_needed = bool(missing_requirements([f"torch{TORCH_REQUIREMENT}", f"torchvision{TORCHVISION_REQUIREMENT}"],
-                                             version_of))
+    torch_needed = bool(missing_requirements([f"torch{TORCH_REQUIREMENT}"], version_of))
     others = [r for r in missing if requirement_name(r) not in SLICER_PROVIDED + TORCH_PACKAGES]
     return torch_needed, others
 
@@ -141,8 +140,8 @@ def ensure_dependencies(requirements_path, confirm: Optional[Callable[[str], boo
                                "Manager, restart Slicer, and try again", restart_required=True) from None
         torch_logic = PyTorchUtils.PyTorchUtilsLogic()
         if not torch_logic.torchInstalled():
-            torch = torch_logic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT,
-                                             torchvisionVersionRequirement=TORCHVISION_REQUIREMENT)
+            # no torchvisionVersionRequirement: older PyTorchUtils versions do not take it
+            torch = torch_logic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT)
             if torch is None:
                 raise InstallError("PyTorch could not be installed; see the Python console for details")
     if others:
