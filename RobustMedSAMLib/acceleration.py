@@ -157,6 +157,13 @@ def encode_batched(model, images: Sequence[torch.Tensor], batch_size: int = 4, *
     return results
 
 
+def prefetch_neighbours(device: DeviceLike) -> int:
+    """Slices on each side of the viewed one to encode in the background while the user places prompts:
+    1 on CUDA (an encoding takes a fraction of a second), 0 elsewhere. On the CPU an encoding takes seconds
+    and cannot be interrupted, so a neighbour in flight would hold up the next click on the viewed slice."""
+    return 1 if torch.device(device).type == "cuda" else 0
+
+
 @dataclass
 class LookaheadPlanner:
     """Which slices to encode together when propagation reaches a slice that is not cached yet.

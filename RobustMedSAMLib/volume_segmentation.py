@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .intensity import WindowLike, intensity_mapping
-from .acceleration import LookaheadPlanner
+from .acceleration import LookaheadPlanner, prefetch_neighbours
 from .predictor import Predictor
 from .prompt_files import ObjectPrompts
 from .prompts import Prediction, Prompt
@@ -84,10 +84,16 @@ class VolumeSegmenter:
         pred = self.predictor.predict(prompt, multimask=multimask, image=self.image(index), context=self.context)
         return pred.select(pred.best) if multimask else pred
 
-    def prefetch(self, index: int) -> None:
-        """Start encoding slice ``index`` in the background (the Slicer effect calls this)."""
-        if 0 <= index < self.num_slices:
-            self.predictor.prefetch(self.image(index), self.context)
+    def prefetch(self, index: int, neighbours: Optional[int] = None) -> None:
+        """Start encoding slice ``index``, then ``neighbours`` slices on each side (nearest first), in the
+        background (the Slicer effect calls this when the view moves). Default: ``prefetch_neighbours`` of the
+        model's device (1 on CUDA, 0 on the CPU)."""
+        if neighbours is None:
+            neighbours = prefetch_neighbours(getattr(getattr(self.predictor, "model", None), "device", "cpu"))
+        order = [index] + [z for d in range(1, int(neighbours) + 1) for z in (index + d, index - d)]
+        for z in order:
+            if 0 <= z < self.num_slices:
+                self.predictor.prefetch(self.image(z), self.context)
 
 
 def is_ambiguous(prompt: Prompt) -> bool:

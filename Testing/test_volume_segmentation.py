@@ -192,3 +192,26 @@ def test_gpu_style_lookahead_encodes_ahead_and_gives_the_same_result(tiny_model)
     reached = len(results[1][2].predicted) + 1  # every predicted slice plus the seed slice
     assert results[1][1] == reached
     assert reached <= results[3][1] <= reached + 2 * 2  # at most lookahead-1 wasted slices per direction
+
+
+def test_prefetch_encodes_the_viewed_slice_first_then_its_neighbours(tiny_model):
+    """While the user places prompts the effect prefetches the viewed slice; with neighbours (default on
+    CUDA only) also the slices next to it, nearest first, within the volume."""
+    from RobustMedSAMLib.acceleration import prefetch_neighbours
+    from RobustMedSAMLib.predictor import Predictor
+    from RobustMedSAMLib.volume_segmentation import VolumeSegmenter
+
+    assert prefetch_neighbours("cpu") == 0 and prefetch_neighbours("cuda") == 1
+    images = (np.arange(6 * 32 * 32) % 251).astype(np.uint8).reshape(6, 32, 32)
+    predictor = Predictor(tiny_model)
+    order = []
+    original = predictor._encode_and_store
+    predictor._encode_and_store = lambda image, key: (order.append(int(image[0, 0])), original(image, key))[1]
+    segmenter = VolumeSegmenter(predictor, images, 0)
+    first = {int(images[z, 0, 0]): z for z in range(6)}  # slice identified by its first pixel
+    segmenter.prefetch(2)  # CPU default: the viewed slice only
+    segmenter.prefetch(4, neighbours=2)  # 4, 5, 3, (6: none), (2: cached)
+    segmenter.prefetch(0, neighbours=1)  # 0, 1, (-1: none)
+    predictor.close()
+    assert [first[v] for v in order] == [2, 4, 5, 3, 0, 1]
+    assert predictor.encoder_calls == 6
