@@ -30,9 +30,9 @@ seeded ViT-B weights, see ``Testing/test_fast_encoder.py``):
   All large temporaries live in one per-call scratch pool, so a ViT-B forward needs ~0.2 GB on top of
   the weights instead of ~2.5 GB, and on 2 CPU cores it runs 2-2.5x faster than segment_anything's
   eager encoder, at ~1.25x the fp32 GEMM FLOP floor (measured by ``robustmedsam bench``). It is used when
-  it computes what the reference computes: the blocks are segment_anything's unmodified ``Block``/``Attention``/``MLPBlock``
-  without forward hooks (the training adapters attach hooks, so adapted encoders take the reference
-  path), float32, no gradient needed, no autocast active.
+  it computes what the reference computes: the blocks are segment_anything's unmodified
+  ``Block``/``Attention``/``MLPBlock`` without forward hooks (the training adapters attach hooks, so
+  adapted encoders take the reference path), float32, no gradient needed, no autocast active.
 
 Switch: ``encoder.fast_path = None`` (default: fast on CPU, reference elsewhere), ``True`` (fast wherever
 it is exact, e.g. also on CUDA) or ``False`` (reference); the environment variable
