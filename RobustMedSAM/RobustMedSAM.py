@@ -570,6 +570,10 @@ class RobustMedSAMTest(ScriptedLoadableModuleTest):
         seg, ids, result = logic.bridge.segmentVolume(volumeNode, objects, sliceRange=(18, 22), engine=engine)
         self.assertEqual(list(ids), [o.name for o in objects])
         self.assertTrue(logic.undo(seg))
+        rows, table = logic.robustnessCheck(volumeNode, objects[:1], corruptions=["gaussian_noise"], engine=engine,
+                                            slice_range=(18, 22))
+        self.assertEqual([r.corruption for r in rows], ["clear", "gaussian_noise"])
+        self.assertEqual(table.GetTable().GetNumberOfRows(), 2)
         self.delayDisplay("logic ok")
 
     def test_effects(self):
