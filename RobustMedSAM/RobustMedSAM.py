@@ -346,12 +346,10 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 table = self.logic.robustnessTable(rows)
                 slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
                 slicer.app.applicationLogic().PropagateTableSelection()
-                worst = {}
-                for r in rows:
-                    if r.object not in worst or r.dice_vs_clean < worst[r.object][0]:
-                        worst[r.object] = (r.dice_vs_clean, r.corruption)
+                from RobustMedSAMLib.robustness import worst_conditions
+
                 self.ui.statusLabel.text = "lowest Dice vs clean: " + ", ".join(
-                    f"{name} {d:.2f} ({c})" for name, (d, c) in worst.items())
+                    f"{name} {d:.2f} ({c})" for name, (d, c) in worst_conditions(rows).items())
 
             self._onDone = done
             self._startTask(BackgroundTask(lambda t: work(t.progress, t.cancelled), "RobustMedSAM robustness check"),

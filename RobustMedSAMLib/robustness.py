@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -129,6 +129,15 @@ def robustness_check(volume: Volume, objects: Sequence[ObjectPrompts], predictor
     if progress is not None:
         progress(len(conditions), len(conditions), "done")
     return rows
+
+
+def worst_conditions(rows: Sequence[RobustnessRow]) -> Dict[str, Tuple[float, str]]:
+    """``{object: (lowest Dice vs clean, its corruption)}`` over the rows, objects in row order."""
+    worst: Dict[str, Tuple[float, str]] = {}
+    for r in rows:
+        if r.object not in worst or r.dice_vs_clean < worst[r.object][0]:
+            worst[r.object] = (r.dice_vs_clean, r.corruption)
+    return worst
 
 
 def to_csv(rows: Sequence[RobustnessRow]) -> str:

@@ -58,9 +58,9 @@ class VolumeSegmenter:
         self.axis = int(axis)
         self.num_slices = images.shape[self.axis]
         self.slice_shape: Tuple[int, int] = tuple(s for a, s in enumerate(images.shape) if a != self.axis)
-        device = getattr(getattr(predictor, "model", None), "device", "cpu")
+        self.device = getattr(getattr(predictor, "model", None), "device", "cpu")
         if lookahead is None:
-            self.planner = LookaheadPlanner.for_device(device, self.num_slices)
+            self.planner = LookaheadPlanner.for_device(self.device, self.num_slices)
         else:
             self.planner = LookaheadPlanner(self.num_slices, max(1, int(lookahead)))
         self._last_index: Optional[int] = None
@@ -89,7 +89,7 @@ class VolumeSegmenter:
         background (the Slicer effect calls this when the view moves). Default: ``prefetch_neighbours`` of the
         model's device (1 on CUDA, 0 on the CPU)."""
         if neighbours is None:
-            neighbours = prefetch_neighbours(getattr(getattr(self.predictor, "model", None), "device", "cpu"))
+            neighbours = prefetch_neighbours(self.device)
         order = [index] + [z for d in range(1, int(neighbours) + 1) for z in (index + d, index - d)]
         for z in order:
             if 0 <= z < self.num_slices:

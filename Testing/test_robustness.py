@@ -141,3 +141,13 @@ def test_cli_robustness_on_tiny_model(ball, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
     assert cli_main(["robustness", str(vol_path), "--prompts", str(two), "--reference", str(ref_path)]) == 2
     assert "no segment named 'ball'" in capsys.readouterr().err
+
+
+def test_worst_conditions_picks_each_objects_lowest_dice():
+    from RobustMedSAMLib.robustness import RobustnessRow, worst_conditions
+
+    rows = [RobustnessRow("clear", 0, "a", 10, 1.0, None, ""), RobustnessRow("clear", 0, "b", 5, 1.0, None, ""),
+            RobustnessRow("gaussian_noise", 3, "a", 9, 0.8, None, ""),
+            RobustnessRow("motion_blur", 3, "a", 7, 0.6, None, ""),
+            RobustnessRow("motion_blur", 3, "b", 5, 0.9, None, "")]
+    assert worst_conditions(rows) == {"a": (0.6, "motion_blur"), "b": (0.9, "motion_blur")}
