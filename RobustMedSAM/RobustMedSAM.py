@@ -6,7 +6,9 @@ Editor effects ("RobustMedSAM", "RobustMedSAM Propagate") are registered by the 
 ``SegmentEditorRobustMedSAM`` and ``SegmentEditorRobustMedSAMPropagate``.
 
 Importing this file needs neither torch nor the engine (it works with ``--no-main-window`` and before the
-dependencies are installed); nothing pops up when the module opens.
+dependencies are installed); nothing pops up when the module opens. The engine runs in its own process
+(``RobustMedSAMLogic.engine``): this process never imports torch, and the panel never waits for the engine.
+Settings live on a plain ``vtkMRMLScriptedModuleNode`` read and written by ``RobustMedSAMLogic.logic.Settings``.
 """
 import logging
 import os
@@ -19,27 +21,6 @@ import slicer
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
-
-try:  # Slicer >= 5.2: typed parameter node; the bridge's Settings reads the same node (same strings)
-    from slicer.parameterNodeWrapper import parameterNodeWrapper
-
-    @parameterNodeWrapper
-    class RobustMedSAMParameterNode:
-        model: str = "robustmedsam"
-        checkpoint: str = ""
-        device: str = "auto"
-        cacheMB: float = 1024.0
-        fp16Cache: bool = False
-        intensity: str = "auto"
-        axis: str = "k"
-        iouThreshold: float = 0.5
-        projection: str = "mask"
-        boxExtension: float = 0.025
-        propagate: bool = True
-        multimask: str = "auto"
-        allowDownload: bool = True
-except ImportError:  # older Slicer: RobustMedSAMLogic.logic.Settings on a plain vtkMRMLScriptedModuleNode
-    RobustMedSAMParameterNode = None
 
 try:
     from slicer.i18n import tr as _
@@ -88,10 +69,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._updatingGUI = False
-        self.task = None
-        self.timer = qt.QTimer()
-        self.timer.setInterval(200)
-        self.timer.connect("timeout()", self.onPoll)
+        self.request = None  # the engine request the panel is waiting for
         self.chartNode = None
         self.tableNode = None
 
@@ -103,9 +81,9 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = RobustMedSAMLogic()
 
-        self.ui.intensityComboBox.addItems(["auto", "display", "soft_tissue", "lung", "bone", "brain", "MR"])
+        self.ui.intensityComboBox.addItems(["display", "auto", "soft_tissue", "lung", "bone", "brain", "MR"])
         self.ui.axisComboBox.addItems(["k", "j", "i", "axial", "coronal", "sagittal"])
-        self.ui.deviceComboBox.addItems(["auto", "cpu", "cuda"])  # refined once torch is importable
+        self.ui.deviceComboBox.addItems(["auto", "cpu", "cuda"])  # refined by the engine once it runs
         self.ui.checkpointPathLineEdit.filters = ctk.ctkPathLineEdit.Files
         self.ui.checkpointPathLineEdit.nameFilters = ["Checkpoints (*.pth *.safetensors)"]
         self._fillModels()
@@ -129,38 +107,39 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelDownloadButton.connect("clicked(bool)", self.onCancelTask)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelTask)
         self.ui.clearCacheButton.connect("clicked(bool)", self.onClearCache)
+        self.ui.unloadButton.connect("clicked(bool)", self.onUnload)
         self.ui.installButton.connect("clicked(bool)", self.onInstall)
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
         self.ui.undoButton.connect("clicked(bool)", self.onUndo)
         self.ui.robustnessButton.connect("clicked(bool)", self.onRobustness)
         self.initializeParameterNode()
-        qt.QTimer.singleShot(0, self._detectDevices)
 
-    def _detectDevices(self):
-        """CUDA/CPU as the engine sees them, once torch is installed (it is not imported otherwise)."""
-        import importlib.util
+    def _engine(self):
+        """The shared engine session, pumped by a Qt timer (starts the engine process only when used)."""
+        from RobustMedSAMLogic.pump import ensure_pump
 
-        if importlib.util.find_spec("torch") is None:
-            return
-        try:
-            from RobustMedSAMLogic.engine import available_devices
+        engine = self.logic.engineSession()
+        ensure_pump(engine)
+        return engine
 
-            devices = list(available_devices())
-        except Exception as e:  # a broken torch install must not break the module
-            logging.warning(f"RobustMedSAM: device detection failed: {e}")
-            return
-        current = self.logic.settings().device
-        wasBlocked = self.ui.deviceComboBox.blockSignals(True)
-        self.ui.deviceComboBox.clear()
-        self.ui.deviceComboBox.addItems(devices)
-        self.ui.deviceComboBox.currentText = current if current in devices else "auto"
-        self.ui.deviceComboBox.blockSignals(wasBlocked)
+    def _refreshDevices(self):
+        """Devices as the engine's torch sees them (asked of the running engine; nothing imported here)."""
+        def done(request):
+            if not request.ok:
+                return
+            devices = list(request.result)
+            current = self.logic.settings().device
+            wasBlocked = self.ui.deviceComboBox.blockSignals(True)
+            self.ui.deviceComboBox.clear()
+            self.ui.deviceComboBox.addItems(devices)
+            self.ui.deviceComboBox.currentText = current if current in devices else "auto"
+            self.ui.deviceComboBox.blockSignals(wasBlocked)
+
+        self._engine().devices(on_done=done)
 
     def cleanup(self):
         self.removeObservers()
-        self.timer.stop()
-        if self.task is not None:
-            self.task.cancel()
+        self.onCancelTask()
 
     def enter(self):
         self.initializeParameterNode()
@@ -171,7 +150,14 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
 
     def onSceneStartClose(self, caller, event):
+        """Cancel what runs (its answer would land in the next scene) and forget nodes of this scene."""
+        self.onCancelTask()
+        self.request = None
+        self.tableNode = self.chartNode = None
+        if self.logic is not None:
+            self.logic.forgetScene()
         self.setParameterNode(None)
+        self.updateButtons()
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
@@ -189,14 +175,21 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUIFromParameterNode()
 
     def _fillModels(self):
+        """Model names (torch-free engine table); keeps the user's choice (signals blocked while refilling)."""
         try:
             from RobustMedSAMLogic.engine import CUSTOM_CHECKPOINT, model_names
 
             names = list(model_names()) + [CUSTOM_CHECKPOINT]
-        except ImportError:  # engine not importable yet (dependencies missing)
+        except Exception:  # engine not importable yet (dependencies missing)
             names = ["robustmedsam", "robustsam", "medsam", "sam-vit-b", "custom checkpoint"]
-        self.ui.modelComboBox.clear()
-        self.ui.modelComboBox.addItems(names)
+        wasBlocked = self.ui.modelComboBox.blockSignals(True)
+        try:
+            self.ui.modelComboBox.clear()
+            self.ui.modelComboBox.addItems(names)
+            if self._parameterNode is not None:
+                self.ui.modelComboBox.currentText = self.logic.settings(self._parameterNode).model
+        finally:
+            self.ui.modelComboBox.blockSignals(wasBlocked)
 
     def updateGUIFromParameterNode(self, caller=None, event=None):
         if self._parameterNode is None or self._updatingGUI:
@@ -253,12 +246,16 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.weightsStatusLabel.text = text
             engine = self.logic.engine
             self.ui.cacheStatusLabel.text = engine.cache_text() if engine is not None else "empty"
-        except ImportError as e:
-            self.ui.weightsStatusLabel.text = f"Python packages missing ({e}); click 'Install dependencies'"
+        except Exception as e:  # missing or broken packages: a message, never a traceback
+            self.ui.weightsStatusLabel.text = f"Python packages missing or broken ({e}); click 'Install dependencies'"
             self.ui.installButton.visible = True
 
+    @property
+    def running(self):
+        return self.request is not None and not self.request.finished
+
     def updateButtons(self, *args):
-        running = self.task is not None and self.task.running
+        running = self.running
         hasInputs = self.ui.inputVolumeSelector.currentNode() is not None and len(self.ui.markupsSelector.checkedNodes()) > 0
         self.ui.applyButton.enabled = hasInputs and not running
         self.ui.robustnessButton.enabled = hasInputs and not running
@@ -268,126 +265,135 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         seg = self.ui.outputSegmentationSelector.currentNode()
         self.ui.undoButton.enabled = bool(seg is not None and self.logic.canUndo(seg))
 
-    # actions -------------------------------------------------------------------------------------
+    # running engine requests ---------------------------------------------------------------------
+    def _track(self, request, what, onResult):
+        """Show ``request``'s progress; ``onResult(result)`` runs (GUI thread) if it succeeds. Buttons are
+        restored however it ends, also if ``onResult`` fails."""
+        self.request = request
+        self.ui.progressBar.visible = True
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = what
+
+        def progress(r):
+            if r is not self.request:
+                return
+            if r.total:
+                self.ui.progressBar.maximum = int(r.total)
+                self.ui.progressBar.value = int(r.done)
+            self.ui.statusLabel.text = r.message or what
+
+        def done(r):
+            if r is not self.request:
+                return  # cancelled and superseded, or the scene was closed
+            self.request = None
+            try:
+                if r.ok:
+                    with slicer.util.tryWithErrorDisplay(_("Writing the result failed."), waitCursor=True):
+                        onResult(r.result)
+                elif r.status in ("cancelled", "dropped"):
+                    self.ui.statusLabel.text = _("Cancelled; nothing was changed.")
+                else:
+                    logging.error(getattr(r.error, "details", "") or str(r.error))
+                    self.ui.statusLabel.text = str(r.error)  # e.g. the weights how-to message when offline
+            finally:
+                self.ui.progressBar.visible = False
+                self.updateStatus()
+                self.updateButtons()
+
+        request.on_progress, request.on_done = progress, done
+        if request.finished:  # answered already (in-process engine)
+            done(request)
+        self.updateButtons()
+
     def onInstall(self):
         with slicer.util.tryWithErrorDisplay(_("Installing the Python packages failed."), waitCursor=True):
             self.logic.setupPythonRequirements()
             self._fillModels()
             self.initializeParameterNode()
-            self._detectDevices()
         self.updateStatus()
-
-    def _startTask(self, task, what):
-        self.task = task.start()
-        self.ui.progressBar.visible = True
-        self.ui.progressBar.value = 0
-        self.ui.statusLabel.text = what
-        self.timer.start()
-        self.updateButtons()
 
     def onDownload(self):
         with slicer.util.tryWithErrorDisplay(_("The model could not be prepared."), waitCursor=True):
             self.logic.setupPythonRequirements()
-            from RobustMedSAMLogic.tasks import BackgroundTask
+            engine = self._engine()
 
-            engine = self.logic.engineSession()
-            self._onDone = lambda result: self.ui.statusLabel.setText(engine.describe())
-            self._startTask(BackgroundTask(lambda t: engine.load(progress=lambda d, n=None: t.progress(d, n, "downloading"),
-                                                                 cancel=t.cancelled)), "preparing the model...")
+            def loaded(result):
+                self.ui.statusLabel.text = engine.describe()
+                self._refreshDevices()
+                engine.refresh_status(on_done=lambda r: self.updateStatus())
+
+            self._track(engine.load(allow_download=True), "starting the engine and preparing the model...", loaded)
 
     def onApply(self):
         with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
             self.logic.setupPythonRequirements()
-            from RobustMedSAMLogic.tasks import BackgroundTask
-
             volumeNode = self.ui.inputVolumeSelector.currentNode()
             s = self.logic.settings()
             objects = self.logic.promptsFromMarkups(self.ui.markupsSelector.checkedNodes(), volumeNode, s.axis)
-            engine = self.logic.engineSession()
-            images = engine.images(volumeNode, s.intensity)  # MRML read in the GUI thread
-            from RobustMedSAMLib.volume_segmentation import segment_volume
+            engine = self._engine()
+            if not engine.is_loaded:
+                engine.load(allow_download=s.allowDownload)
+            request = self.logic.bridge.segmentVolumeRequest(
+                volumeNode, objects, axis=s.axis, propagate=s.propagate, iouThreshold=s.iouThreshold,
+                projection=s.projection, boxExtension=s.boxExtension, intensity=s.intensity, engine=engine)
 
-            volume = self.logic.volumeFromNode(volumeNode)
-
-            def work(task):
-                engine.load(progress=lambda d, n=None: task.progress(0, None, "downloading the model"), cancel=task.cancelled)
-                return segment_volume(volume, objects, engine.predictor, axis=s.axis, images=images,
-                                      propagate_volume=s.propagate, iou_threshold=s.iouThreshold, projection=s.projection,
-                                      box_extension=s.boxExtension, progress=task.progress, cancel=task.cancelled)
-
-            def done(result):
+            def write(result):
                 seg = self.ui.outputSegmentationSelector.currentNode()
                 seg, ids, _ = self.logic.writeResult(volumeNode, result, seg)
                 self.ui.outputSegmentationSelector.setCurrentNode(seg)
                 self.showPlot(result)
                 self.ui.statusLabel.text = ", ".join(f"{o.name}: {int(o.mask.sum())} voxels" for o in result.objects)
+                engine.refresh_status(on_done=lambda r: self.updateStatus())
 
-            self._onDone = done
-            self._startTask(BackgroundTask(work, "RobustMedSAM segmentation"), "segmenting...")
+            self._track(request, "segmenting...", write)
 
     def onRobustness(self):
-        """The same volume and prompts segmented clean and under each chosen corruption (background task);
+        """The same volume and prompts segmented clean and under each chosen corruption (in the engine);
         the Dice table goes into a table node shown in the layout. Nothing is written into segmentations."""
         with slicer.util.tryWithErrorDisplay(_("The robustness check failed."), waitCursor=True):
             self.logic.setupPythonRequirements()
-            from RobustMedSAMLogic.tasks import BackgroundTask
-
             volumeNode = self.ui.inputVolumeSelector.currentNode()
             s = self.logic.settings()
             names = [n for n in self.ui.corruptionsLineEdit.text.replace(",", " ").split() if n]
             objects = self.logic.promptsFromMarkups(self.ui.markupsSelector.checkedNodes(), volumeNode, s.axis)
-            work = self.logic.robustnessJob(
+            engine = self._engine()
+            if not engine.is_loaded:
+                engine.load(allow_download=s.allowDownload)
+            request = self.logic.robustnessRequest(
                 volumeNode, objects, self.ui.referenceSegmentationSelector.currentNode(), axis=s.axis,
                 corruptions=names or None, severity=int(self.ui.severitySpinBox.value), intensity=s.intensity,
-                iou_threshold=s.iouThreshold, projection=s.projection, box_extension=s.boxExtension,
+                engine=engine, iou_threshold=s.iouThreshold, projection=s.projection, box_extension=s.boxExtension,
                 propagate_volume=s.propagate)
 
-            def done(rows):
-                table = self.logic.robustnessTable(rows)
-                slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
-                slicer.app.applicationLogic().PropagateTableSelection()
+            def show(rows):
                 from RobustMedSAMLib.robustness import worst_conditions
 
+                table = self.logic.robustnessTable(rows)
+                showTable(table)
                 self.ui.statusLabel.text = "lowest Dice vs clean: " + ", ".join(
                     f"{name} {d:.2f} ({c})" for name, (d, c) in worst_conditions(rows).items())
 
-            self._onDone = done
-            self._startTask(BackgroundTask(lambda t: work(t.progress, t.cancelled), "RobustMedSAM robustness check"),
-                            "checking robustness...")
-
-    def onPoll(self):
-        if self.task is None:
-            self.timer.stop()
-            return
-        state = self.task.poll()
-        if not state.finished:
-            if state.total:
-                self.ui.progressBar.maximum = int(state.total)
-                self.ui.progressBar.value = int(state.done)
-            self.ui.statusLabel.text = state.message
-            return
-        self.timer.stop()
-        self.task = None
-        self.ui.progressBar.visible = False
-        if state.status == "done":
-            with slicer.util.tryWithErrorDisplay(_("Writing the result failed."), waitCursor=True):
-                self._onDone(state.result)
-        elif state.status == "cancelled":
-            self.ui.statusLabel.text = _("Cancelled; nothing was changed.")
-        else:
-            logging.error(state.details)
-            self.ui.statusLabel.text = state.message  # e.g. the weights how-to message when offline
-        self.updateStatus()
-        self.updateButtons()
+            self._track(request, "checking robustness...", show)
 
     def onCancelTask(self):
-        if self.task is not None:
-            self.task.cancel()
+        if self.running:
+            self.request.cancel()
 
     def onClearCache(self):
         if self.logic.engine is not None:
             self.logic.engine.clear_cache()
+            self.logic.engine.status = {}
         self.updateStatus()
+
+    def onUnload(self):
+        """End the engine process: the model and its encodings leave memory."""
+        if self.logic.engine is not None:
+            self.onCancelTask()
+            self.request = None
+            self.logic.engine.unload()
+            self.ui.statusLabel.text = _("Engine stopped; its memory was released. The next action starts it again.")
+        self.updateStatus()
+        self.updateButtons()
 
     def onUndo(self):
         seg = self.ui.outputSegmentationSelector.currentNode()
@@ -408,6 +414,16 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             node.SetSingletonTag("RobustMedSAMPlotView")
             node = slicer.mrmlScene.AddNode(node)
         return node
+
+
+def showTable(tableNode):
+    """Show a table node in the view layout, switching to a layout with a table view if the current one has
+    none (as the Segment Statistics module does)."""
+    layoutManager = slicer.app.layoutManager()
+    if layoutManager is not None:
+        layoutManager.setLayout(slicer.modules.tables.logic().GetLayoutWithTable(layoutManager.layout))
+    slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(tableNode.GetID())
+    slicer.app.applicationLogic().PropagateTableSelection()
 
 
 #
@@ -443,10 +459,6 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return self.bridge.getParameterNode()
 
-    def getTypedParameterNode(self):
-        """The parameterNodeWrapper view of the parameter node (Slicer >= 5.2), else None."""
-        return RobustMedSAMParameterNode(self.getParameterNode()) if RobustMedSAMParameterNode else None
-
     def settings(self, node=None):
         return self.bridge.settings(node)
 
@@ -475,27 +487,22 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         self.setupPythonRequirements()
         return self.bridge.robustnessCheck(volumeNode, objects, referenceSegmentationNode, **kwargs)
 
-    def robustnessJob(self, volumeNode, objects, referenceSegmentationNode=None, **kwargs):
-        """See ``RobustMedSAMBridgeLogic.robustnessJob``: checks and reads in this thread, returns the work."""
-        return self.bridge.robustnessJob(volumeNode, objects, referenceSegmentationNode, **kwargs)
+    def robustnessRequest(self, volumeNode, objects, referenceSegmentationNode=None, **kwargs):
+        """See ``RobustMedSAMBridgeLogic.robustnessRequest``: checks and reads here, the engine does the work."""
+        return self.bridge.robustnessRequest(volumeNode, objects, referenceSegmentationNode, **kwargs)
 
     def robustnessTable(self, rows, tableNode=None):
         return self.bridge.robustnessTable(rows, tableNode)
 
     def writeResult(self, volumeNode, result, segmentationNode=None):
-        """Write an engine ``VolumeResult`` computed in a background thread (GUI thread, one undo step)."""
-        b = self.bridge
-        if segmentationNode is None:
-            segmentationNode = b.createSegmentationNode(volumeNode)
-        writer = b.writer(segmentationNode, volumeNode)
-        writer.begin()
-        ids = {}
-        for obj in result.objects:
-            sid = writer.ensure_segment(obj.name, obj.color)
-            writer.set_segment(sid, obj.mask, undo=False)
-            ids[obj.name] = sid
-        b.last_result = result
-        return segmentationNode, ids, result
+        """Write an engine ``VolumeResult`` (GUI thread, one undo step)."""
+        return self.bridge.writeResult(volumeNode, result, segmentationNode)
+
+    def forgetScene(self):
+        """Scene closed: drop undo writers and the engine's copies of this scene's volumes."""
+        self.bridge.forgetScene()
+        if self.bridge.engine is not None:
+            self.bridge.engine.forget_scene()
 
     def canUndo(self, segmentationNode):
         return self.bridge.canUndo(segmentationNode)
@@ -529,9 +536,11 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
 class RobustMedSAMTest(ScriptedLoadableModuleTest):
     """Self-test in a real Slicer (Developer mode: 'Reload and Test'; or ctest ``py_RobustMedSAM``).
 
-    Exercises both Segment Editor effects through the editor widget on the sample chest CT with the seeded
-    tiny model (no download): prompt effect (box + points -> preview -> Apply -> Undo), propagate effect
-    (Propagate -> preview -> Apply, cancel leaves the segment unchanged), and the module logic.
+    On the sample chest CT with the seeded tiny model (no download), through the engine *worker process*
+    started with PythonSlicer, as in normal use: the module logic (segment volume, undo, robustness check),
+    both Segment Editor effects through the editor widget (prompt effect: box + points -> preview -> Cancel
+    -> Apply -> Undo/Redo; propagate effect: Propagate -> Cancel -> Propagate -> Apply -> Undo), and a killed
+    engine process (the segment unchanged, the next request starts a new engine).
     """
 
     def setUp(self):
@@ -542,13 +551,32 @@ class RobustMedSAMTest(ScriptedLoadableModuleTest):
         self.test_module_logic()
         self.setUp()
         self.test_effects()
+        self.setUp()
+        self.test_killed_engine()
 
     def _tinyEngine(self):
-        from RobustMedSAMLib.models import seeded_model
         from RobustMedSAMLogic import engine
+        from RobustMedSAMLogic.logic import RobustMedSAMBridgeLogic
+        from RobustMedSAMLogic.pump import ensure_pump
 
-        engine._SHARED = engine.EngineSession(loaded=seeded_model("tiny"))
-        return engine._SHARED
+        bridge = RobustMedSAMBridgeLogic(slicer.mrmlScene)
+        settings = bridge.settings()
+        settings.model = "tiny"  # the seeded test model: the effects configure the shared session from this
+        bridge.setSettings(settings)
+        session = engine.EngineSession(settings.model_choice())  # a worker process, seeded weights
+        engine.set_shared_session(session)
+        ensure_pump(session)
+        return session
+
+    def _waitFor(self, condition, timeout=120.0):
+        import time
+
+        end = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > end:
+                raise AssertionError("timed out waiting for the engine")
+            slicer.app.processEvents()
+            time.sleep(0.02)
 
     def _loadChest(self):
         from RobustMedSAMLib.samples import sample_path
@@ -556,31 +584,28 @@ class RobustMedSAMTest(ScriptedLoadableModuleTest):
         return slicer.util.loadVolume(str(sample_path("chest-ct")))
 
     def test_module_logic(self):
-        self.delayDisplay("RobustMedSAM logic")
+        self.delayDisplay("RobustMedSAM logic (engine process)")
         from RobustMedSAMLib.prompt_files import ObjectPrompts
         from RobustMedSAMLib.prompts import Prompt
 
         engine = self._tinyEngine()
+        self.assertTrue(engine.wait(engine.load(), 120).ok)
+        self.assertNotIn("torch", __import__("sys").modules, "the Slicer process must not import torch")
         volumeNode = self._loadChest()
         logic = RobustMedSAMLogic()
         objects = [ObjectPrompts("right lung", None, {20: Prompt(box=[56, 38, 105, 97])}),
                    ObjectPrompts("left lung", None, {19: Prompt(box=[20, 33, 67, 97])})]
-        seg, ids, result = logic.bridge.segmentVolume(volumeNode, objects, sliceRange=(18, 22), engine=engine)
+        seg, ids, result = logic.bridge.segmentVolume(volumeNode, objects, sliceRange=(18, 22), engine=engine,
+                                                      timeout=300)
         self.assertEqual(list(ids), [o.name for o in objects])
         self.assertTrue(logic.undo(seg))
         rows, table = logic.robustnessCheck(volumeNode, objects[:1], corruptions=["gaussian_noise"], engine=engine,
-                                            slice_range=(18, 22))
+                                            slice_range=(18, 22), timeout=300)
         self.assertEqual([r.corruption for r in rows], ["clear", "gaussian_noise"])
         self.assertEqual(table.GetTable().GetNumberOfRows(), 2)
         self.delayDisplay("logic ok")
 
-    def test_effects(self):
-        import numpy as np
-
-        from RobustMedSAMLogic import segments, volumes
-
-        self._tinyEngine()
-        volumeNode = self._loadChest()
+    def _editor(self, volumeNode):
         segNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
         segNode.CreateDefaultDisplayNodes()
         segNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
@@ -592,6 +617,17 @@ class RobustMedSAMTest(ScriptedLoadableModuleTest):
         widget.setSegmentationNode(segNode)
         widget.setSourceVolumeNode(volumeNode) if hasattr(widget, "setSourceVolumeNode") else widget.setMasterVolumeNode(volumeNode)
         widget.setCurrentSegmentID(segmentID)
+        return widget, segNode, segmentID
+
+    def test_effects(self):
+        import numpy as np
+
+        from RobustMedSAMLogic import segments, volumes
+        from RobustMedSAMLogic.interaction import SlicePosition
+
+        engine = self._tinyEngine()
+        volumeNode = self._loadChest()
+        widget, segNode, segmentID = self._editor(volumeNode)
 
         self.delayDisplay("RobustMedSAM effect")
         widget.setActiveEffectByName("RobustMedSAM")
@@ -599,17 +635,19 @@ class RobustMedSAMTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(effect, "the RobustMedSAM effect is not registered")
         e = effect.self()
         e._resetSession()
-        from RobustMedSAMLogic.interaction import SlicePosition
-
+        self._waitFor(lambda: engine.is_loaded and engine.pending == 0)
         shape = volumes.shape_of(volumeNode)
         corner = lambda x, y: SlicePosition(0, 20, (x, y), (x, y, 20.0))  # noqa: E731
         e.session.set_box(corner(56, 38), corner(104, 96), (shape[1], shape[2]))
-        self.assertEqual(e.session.state, "preview")
+        self.assertEqual(e.session.state, "pending")  # the click returned at once
+        self._waitFor(lambda: e.session.state != "pending")
+        self.assertEqual(e.session.state, "preview", e.session.message)
         before = segments.snapshot(segNode, volumeNode)
         e.onCancel()
         self.assertTrue(segments.same_snapshot(before, segments.snapshot(segNode, volumeNode)))
         e.session.set_box(corner(56, 38), corner(104, 96), (shape[1], shape[2]))
         e.session.add_point(corner(80, 60), (shape[1], shape[2]))
+        self._waitFor(lambda: e.session.state != "pending")
         expected = e.session.mask.copy()
         e.onApply()
         mask = slicer.util.arrayFromSegmentBinaryLabelmap(segNode, segmentID, volumeNode) != 0
@@ -629,14 +667,10 @@ class RobustMedSAMTest(ScriptedLoadableModuleTest):
         before = segments.snapshot(segNode, volumeNode)
         p.onPropagate()
         p.onCancel()  # cancel immediately: nothing may change
-        while p.task is not None:
-            slicer.app.processEvents()
-            p._poll()
+        self._waitFor(lambda: engine.pending == 0)
         self.assertTrue(segments.same_snapshot(before, segments.snapshot(segNode, volumeNode)))
         p.onPropagate()
-        while p.task is not None:
-            slicer.app.processEvents()
-            p._poll()
+        self._waitFor(lambda: not p.running)
         self.assertIsNotNone(p.session.result)
         p.onApply()
         mask = slicer.util.arrayFromSegmentBinaryLabelmap(segNode, segmentID, volumeNode) != 0
@@ -645,3 +679,36 @@ class RobustMedSAMTest(ScriptedLoadableModuleTest):
         self.assertTrue(segments.same_snapshot(before, segments.snapshot(segNode, volumeNode)))
         widget.setActiveEffectByName("")
         self.delayDisplay("effects ok")
+
+    def test_killed_engine(self):
+        """Kill the engine process during a propagation: one clear message, the segment voxel-identical, and
+        the next Propagate works in a fresh engine."""
+        import os
+        import signal
+
+        import numpy as np
+
+        from RobustMedSAMLogic import segments
+
+        engine = self._tinyEngine()
+        volumeNode = self._loadChest()
+        widget, segNode, segmentID = self._editor(volumeNode)
+        array = np.zeros(slicer.util.arrayFromVolume(volumeNode).shape, np.uint8)
+        array[20, 40:90, 60:100] = 1
+        slicer.util.updateSegmentBinaryLabelmapFromArray(array, segNode, segmentID, volumeNode)
+        widget.setActiveEffectByName("RobustMedSAM Propagate")
+        p = widget.activeEffect().self()
+        p.thresholdSlider.value = 0.0
+        self._waitFor(lambda: engine.wait(engine.load(), 120).ok)
+        before = segments.snapshot(segNode, volumeNode)
+        p.onPropagate()
+        self._waitFor(lambda: p.session.request is not None and p.session.request.done >= 2)
+        os.kill(engine.client.pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+        self._waitFor(lambda: not p.running)
+        self.assertIn("engine process stopped", p.statusLabel.text)
+        self.assertTrue(segments.same_snapshot(before, segments.snapshot(segNode, volumeNode)))
+        p.onPropagate()
+        self._waitFor(lambda: not p.running)
+        self.assertIsNotNone(p.session.result, p.statusLabel.text)
+        widget.setActiveEffectByName("")
+        self.delayDisplay("killed engine ok")

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "RobustMedSAM"))
 
 from RobustMedSAMLib.prompts import Prediction  # noqa: E402
 from RobustMedSAMLogic.interaction import (  # noqa: E402
-    ERROR, IDLE, PREVIEW, DragTracker, ObliqueViewError, OutsideVolumeError, PromptSession, PromptSet,
+    ERROR, IDLE, PENDING, PREVIEW, DragTracker, ObliqueViewError, OutsideVolumeError, PromptSession, PromptSet,
     SliceViewMapper, box_from_corners, nearest_voxel_axis)
 
 SHAPE = (12, 20, 30)  # (K, J, I)
@@ -153,7 +153,8 @@ class Recorder:
     def __init__(self, fail=False):
         self.shown, self.written, self.calls, self.prefetched, self.fail = [], [], [], [], fail
 
-    def predict(self, axis, index, prompt, multimask):
+    def predict(self, axis, index, prompt, multimask, reply):
+        """Answers at once (the engine's answer arrives later in the effect: see the deferred tests)."""
         self.calls.append((axis, index, prompt, multimask))
         if self.fail:
             raise RuntimeError("model not available")
@@ -161,8 +162,8 @@ class Recorder:
         masks = np.zeros((n, 20, 30), bool)
         for c in range(n):
             masks[c, : 2 + c * 3, :5] = True
-        return Prediction(masks, masks.astype(np.float32), np.array([0.5, 0.9, 0.7][:n], np.float32),
-                          np.zeros((n, 8, 8), np.float32))
+        reply(Prediction(masks, masks.astype(np.float32), np.array([0.5, 0.9, 0.7][:n], np.float32),
+                         np.zeros((n, 8, 8), np.float32)))
 
     def show(self, axis, index, mask):
         self.shown.append((axis, index, None if mask is None else mask.copy()))
@@ -220,9 +221,90 @@ def test_failed_prediction_shows_error_and_cannot_apply():
     assert not s.apply() and r.written == []
 
 
+class Deferred(Recorder):
+    """Holds each answer until :meth:`answer` releases it, like the engine process."""
+
+    def __init__(self):
+        super().__init__()
+        self.waiting = []
+
+    def predict(self, axis, index, prompt, multimask, reply):
+        answers = []
+        Recorder.predict(self, axis, index, prompt, multimask, answers.append)
+        self.waiting.append((reply, answers[0]))
+
+    def answer(self, n=0):
+        reply, pred = self.waiting.pop(n)
+        reply(pred)
+
+
+def test_answers_arrive_later_and_only_the_newest_counts():
+    """A click returns at once (pending); an answer to older prompts, or one arriving after Cancel or Apply,
+    never reaches the preview or the segment."""
+    r = Deferred()
+    s = PromptSession(r.predict, r.show, r.write)
+    changes = []
+    s.on_change = lambda: changes.append(s.state)
+    s.add_point(make_pos(0, 4, (3, 3)), (20, 30))
+    assert s.state == PENDING and not s.can_apply and not s.apply() and r.shown == []
+    s.add_point(make_pos(0, 4, (9, 9)), (20, 30), positive=False)  # a second click before the first answer
+    r.answer(0)  # the first click's answer: stale
+    assert s.state == PENDING and r.shown == [] and changes == []
+    r.answer(0)  # the newest answer
+    assert s.state == PREVIEW and s.can_apply and changes == [PREVIEW] and r.shown[-1][2].sum() == 10
+    s.add_point(make_pos(0, 4, (5, 5)), (20, 30))
+    s.cancel()
+    r.answer(0)  # arrives after Cancel: dropped
+    assert s.state == IDLE and r.shown[-1][2] is None and r.written == []
+    s.add_point(make_pos(0, 4, (5, 5)), (20, 30))
+    r.answer(0)
+    s.add_point(make_pos(0, 4, (6, 6)), (20, 30))  # still pending when the user applies the shown preview
+    assert not s.apply() and r.written == []
+    r.answer(0)
+    assert s.apply() and len(r.written) == 1
+
+
+def test_failed_answer_shows_the_error():
+    s = PromptSession(lambda a, i, p, m, reply: reply(error=RuntimeError("the engine process stopped")),
+                      lambda *a: None, lambda *a: None)
+    s.add_point(make_pos(0, 1, (1, 1)), (20, 30))
+    assert s.state == ERROR and "engine process stopped" in s.message and not s.can_apply
+
+
+def test_event_router_clicks_drags_double_click_and_keys():
+    """Events as the effect forwards them: a double click (second press reported as a double click, no
+    press) gives two points and is consumed; a drag gives a box; Shift removes; Esc is not claimed."""
+    from RobustMedSAMLogic.interaction import EventRouter
+
+    router = EventRouter()
+    view = object()
+    actions = []
+    for kind, xy in (("press", (10, 10)), ("release", (10, 10)), ("double_click", (11, 10)), ("release", (11, 10))):
+        consumed, got = router.handle(view, kind, xy)
+        assert consumed
+        actions += got
+    assert [(a.kind, a.xy, a.positive) for a in actions] == [("point", (10.0, 10.0), True),
+                                                             ("point", (11.0, 10.0), True)]
+    assert router.handle(view, "press", (5, 5), control=True) == (True, [])
+    consumed, got = router.handle(view, "move", (30, 25))
+    assert consumed and got[0].kind == "band" and got[0].rect == (5.0, 5.0, 30.0, 25.0)
+    consumed, got = router.handle(view, "release", (30, 25))
+    assert [a.kind for a in got] == ["band", "box"] and (got[1].xy, got[1].end) == ((5.0, 5.0), (30.0, 25.0))
+    router.handle(view, "press", (7, 7), control=True)
+    assert router.handle(view, "release", (7, 8))[1][0].positive is False  # Ctrl+click: background point
+    router.handle(view, "press", (7, 7), shift=True)
+    assert router.handle(view, "release", (7, 7))[1][0].kind == "remove"
+    assert router.handle(view, "right_press", (2, 3))[1][0].positive is False
+    assert router.handle(view, "move", (1, 1)) == (False, [])  # hovering is Slicer's
+    assert router.handle(view, "key", (0, 0), key="Return")[1][0].kind == "apply"
+    assert router.handle(view, "key", (0, 0), key="BackSpace")[1][0].kind == "undo"
+    assert router.handle(view, "key", (0, 0), key="Escape") == (False, [])
+
+
 def test_session_with_engine_and_slicer_segment(tiny_model):
-    """The whole 2D effect path headless: engine predictor on a volume node's slice, preview node, apply as
-    one undoable slice replacement, cancel leaves the segment alone."""
+    """The whole 2D effect path headless: engine requests on a volume node's slice (answers delivered by
+    polling, as the Qt timer does), preview node, apply as one undoable slice replacement, cancel leaves the
+    segment alone."""
     slicer = pytest.importorskip("slicer")
     if not hasattr(slicer, "vtkMRMLScene"):
         pytest.skip("slicer-core is not installed")
@@ -244,18 +326,26 @@ def test_session_with_engine_and_slicer_segment(tiny_model):
     seg.SetReferenceImageGeometryParameterFromVolumeNode(vol)
     sid = seg.GetSegmentation().AddEmptySegment("organ", "organ")
     engine = EngineSession(loaded=tiny_model)
+    engine.connection.debounce = 0.0
+    assert engine.wait(engine.load()).ok
     writer = segments.SegmentWriter(segments.editor_access(scene, seg, vol), seg, vol)
     preview = segments.PreviewSegmentation(scene, vol, seg)
     shape = volumes.shape_of(vol)
 
-    def predict(axis, index, prompt, multimask):
-        return engine.segmenter(vol, axis).predict_slice(index, prompt, multimask)
+    def predict(axis, index, prompt, multimask, reply):
+        engine.predict(vol, axis, index, prompt, multimask, "auto",
+                       on_done=lambda r: reply(r.result) if r.ok else reply(error=r.error))
 
     session = PromptSession(predict, lambda a, i, m: preview.show_slice(shape, a, i, m),
                             lambda a, i, m: writer.replace_slice(sid, a, i, m),
-                            prefetch=lambda a, i: engine.segmenter(vol, a).prefetch(i))
+                            prefetch=lambda a, i: engine.prefetch(vol, a, i, "auto"))
     session.view_moved(0, 2)
+    engine.poll()
+    service = engine.client.service
+    assert service.predictor.encoder_calls == 1  # the slice in view, encoded before any click
     session.set_box(make_pos(0, 2, (12, 10)), make_pos(0, 2, (35, 29)), (40, 48))
+    assert session.state == PENDING
+    engine.poll()
     assert session.state == PREVIEW
     shown = preview.mask(shape)
     assert shown[2].any() and not shown[[0, 1, 3]].any()
@@ -264,10 +354,11 @@ def test_session_with_engine_and_slicer_segment(tiny_model):
     session.cancel()
     assert segments.same_snapshot(before, segments.snapshot(seg, vol)) and not preview.mask(shape).any()
     session.set_box(make_pos(0, 2, (12, 10)), make_pos(0, 2, (35, 29)), (40, 48))
+    engine.poll()
     expected = session.mask.copy()
     assert session.apply()
     result = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, vol) != 0
     np.testing.assert_array_equal(result[2], expected)
     assert not result[[0, 1, 3]].any()
     assert writer.undo() and not volumes.segment_mask(seg, sid, vol).any()
-    assert engine.predictor.encoder_calls == 1  # the prefetched encoding served every prompt
+    assert service.predictor.encoder_calls == 1  # the prefetched encoding served every prompt

@@ -124,8 +124,9 @@ def test_python_39_syntax_and_gui_free_bridge():
     for py in files_under(MODULE_DIR):
         if py.suffix == ".py":
             ast.parse(py.read_text(), filename=str(py), feature_version=(3, 9))
+    # no qt/ctk (GUI-free; pump.py imports qt inside its class only), no torch, no threads (they starve in Slicer)
     allowed = {"slicer", "vtk", "numpy", "RobustMedSAMLib", "__future__", "typing", "dataclasses", "pathlib",
-               "threading", "time", "traceback", "math", "json", "re", "types", "importlib"}
+               "time", "math", "json", "re", "types", "importlib", "shutil", "sys", "os", "logging"}
     for py in (MODULE_DIR / "RobustMedSAMLogic").glob("*.py"):
         for node in ast.parse(py.read_text()).body:  # module-level imports only (torch is imported lazily)
             if isinstance(node, ast.Import):
@@ -169,21 +170,3 @@ def test_requirements_file():
     assert satisfies("2.3.1+cu121", ">=2.0") and not satisfies("1.13.1", ">=2.0")
     assert missing_requirements(reqs) == []  # this test environment has everything
 
-
-def test_typed_parameter_node_declares_the_bridge_settings():
-    """RobustMedSAM.py's parameterNodeWrapper class (Slicer >= 5.2) and RobustMedSAMLogic.logic.Settings read
-    the same parameter node: same names, types and defaults, in the same order."""
-    import dataclasses
-
-    sys.path.insert(0, str(MODULE_DIR))
-    try:
-        from RobustMedSAMLogic.logic import Settings
-    finally:
-        sys.path.remove(str(MODULE_DIR))
-    tree = ast.parse((MODULE_DIR / "RobustMedSAM.py").read_text())
-    wrapper = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "RobustMedSAMParameterNode")
-    declared = [(n.target.id, ast.unparse(n.annotation), ast.literal_eval(n.value))
-                for n in wrapper.body if isinstance(n, ast.AnnAssign)]
-    expected = [(f.name, f.type if isinstance(f.type, str) else f.type.__name__, f.default)
-                for f in dataclasses.fields(Settings)]
-    assert declared == expected

@@ -1,10 +1,10 @@
 """The propagate effect's session and the module logic on slicer-core: seeds from a segment, preview,
-one undoable apply, repropagation after a correction, and cancelled/failed runs leaving the segmentation
-exactly as it was; segmentVolume with the engine's tiny model, parameters, IoU table and plot."""
+one undoable apply, repropagation after a correction, and cancelled/failed runs (or answers arriving after
+Cancel) leaving the segmentation exactly as it was; segmentVolume with the engine's tiny model, parameters,
+IoU table and plot."""
 from __future__ import annotations
 
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "RobustMedSAM"))
 import slicer.util  # noqa: E402
 
 from RobustMedSAMLib.prompts import Prediction, Prompt  # noqa: E402
-from RobustMedSAMLib.propagation import PropagationCancelled  # noqa: E402
-from RobustMedSAMLogic import segments, tasks, volumes  # noqa: E402
+from RobustMedSAMLogic import segments, volumes  # noqa: E402
 from RobustMedSAMLogic.headless import make_headless_scene  # noqa: E402
-from RobustMedSAMLogic.propagation import PropagationOptions, bind_session  # noqa: E402
+from RobustMedSAMLogic.propagation import PropagationOptions, bind_session, local_runner  # noqa: E402
 
 SHAPE = (10, 16, 18)
 
@@ -74,6 +73,14 @@ def setup():
     return scene, vol, seg, sid, writer, preview
 
 
+def compute(session, plan):
+    """Run ``plan`` to the end (the local runner answers at once); the result, or the run's error raised."""
+    request = session.start(plan)
+    if not request.ok:
+        raise request.error
+    return session.result
+
+
 def test_propagate_preview_apply_undo_and_repropagate(setup):
     scene, vol, seg, sid, writer, preview = setup
     segmenters = []
@@ -82,11 +89,11 @@ def test_propagate_preview_apply_undo_and_repropagate(setup):
         segmenters.append(StandIn(axis))
         return segmenters[-1]
 
-    session = bind_session(seg, sid, vol, factory, writer, preview)
+    session = bind_session(seg, sid, vol, local_runner(factory), writer, preview)
     plan = session.plan(PropagationOptions(axis=0, iou_threshold=0.3))
     assert plan.mode == "full" and list(plan.seeds) == [4]
     before = segments.snapshot(seg, vol)
-    result = session.compute(plan)
+    result = compute(session, plan)
     assert result.z_range == (2, 7)
     session.preview()
     np.testing.assert_array_equal(preview.mask(SHAPE), truth())
@@ -104,7 +111,7 @@ def test_propagate_preview_apply_undo_and_repropagate(setup):
     writer.replace_slice(sid, 0, 6, corrected)
     plan = session.plan(PropagationOptions(axis=0, iou_threshold=0.3))
     assert plan.mode == "repropagate" and plan.changed == [6]
-    result = session.compute(plan)
+    result = compute(session, plan)
     assert set(segmenters[-1].calls) <= {5, 7, 8, 9} and 4 not in segmenters[-1].calls
     assert 6 in result.seeds and 4 in result.seeds
     session.apply()
@@ -117,7 +124,7 @@ def test_propagate_preview_apply_undo_and_repropagate(setup):
     writer.replace_slice(sid, 0, 7, np.zeros(SHAPE[1:], bool))
     plan = session.plan(PropagationOptions(axis=0, iou_threshold=0.3))
     assert plan.mode == "repropagate" and plan.changed == [7]
-    result = session.compute(plan)
+    result = compute(session, plan)
     assert result.options["stop_upper"] is True
     session.apply()
     got = volumes.segment_mask(seg, sid, vol)
@@ -128,7 +135,7 @@ def test_propagate_preview_apply_undo_and_repropagate(setup):
     writer.replace_slice(sid, 0, 5, np.zeros(SHAPE[1:], bool))
     plan = session.plan(PropagationOptions(axis=0, iou_threshold=0.3))
     assert plan.mode == "repropagate" and plan.changed == [5]
-    result = session.compute(plan)
+    result = compute(session, plan)
     assert 5 in result.seeds and not result.masks[5].any()
     session.apply()
     got = volumes.segment_mask(seg, sid, vol)
@@ -137,48 +144,51 @@ def test_propagate_preview_apply_undo_and_repropagate(setup):
     np.testing.assert_array_equal(got[2:5], truth()[2:5])
 
 
-@pytest.mark.parametrize("how", ["cancel", "fail", "cancel_in_thread"])
+class Pending:
+    """A run still going in the engine: the test answers it later (or never)."""
+
+    def __init__(self):
+        self.finished, self.cancelled, self.on_done = False, False, None
+
+    def cancel(self):
+        self.cancelled = True
+
+    def answer(self, result):
+        self.finished, self.ok, self.result, self.status = True, True, result, "ok"
+        self.on_done(self)
+
+
+@pytest.mark.parametrize("how", ["cancel", "fail", "late_answer"])
 def test_cancelled_or_failed_run_leaves_segmentation_as_before(setup, how):
     scene, vol, seg, sid, writer, preview = setup
-    session = bind_session(seg, sid, vol, lambda axis: StandIn(axis, fail_at=6 if how == "fail" else None),
-                           writer, preview)
+    calls = iter(range(100))
+    runner = local_runner(lambda axis: StandIn(axis, fail_at=6 if how == "fail" else None),
+                          cancel=(lambda: next(calls) >= 2) if how == "cancel" else None)
+    pending = []
+    if how == "late_answer":
+        def runner(plan, options, on_progress=None, on_done=None):  # noqa: F811 - an engine that answers late
+            pending.append(Pending())
+            pending[-1].on_done = on_done
+            return pending[-1]
+    session = bind_session(seg, sid, vol, runner, writer, preview)
     before = segments.snapshot(seg, vol)
     nodes_before = scene.GetNumberOfNodes()
     plan = session.plan(PropagationOptions(axis=0, iou_threshold=0.3))
+    done = []
+    request = session.start(plan, on_done=done.append)
     if how == "cancel":
-        calls = iter(range(100))
-        with pytest.raises(PropagationCancelled):
-            session.compute(plan, cancel=lambda: next(calls) >= 2)
+        assert request.status == "cancelled" and done == [request]
     elif how == "fail":
-        with pytest.raises(RuntimeError, match="out of memory"):
-            session.compute(plan)
+        assert request.status == "error" and "out of memory" in str(request.error)
     else:
-        gate = threading.Event()
-
-        def slow_progress(done, total, index):
-            gate.wait(5)
-
-        task = tasks.BackgroundTask(lambda t: session.compute(plan, progress=slow_progress, cancel=t.cancelled)).start()
-        task.cancel()
-        gate.set()
-        state = task.wait(10)
-        assert state.status == tasks.CANCELLED and state.finished
-    session.cancel()
+        assert session.running and not request.finished
+        session.cancel()  # Cancel clicked, or the effect deactivated
+        assert request.cancelled and not session.running
+        request.answer(StandIn().t)  # the engine's answer arrives anyway: dropped
+        assert done == []
     assert session.result is None and not session.apply()
     assert segments.same_snapshot(before, segments.snapshot(seg, vol))
     assert scene.GetNumberOfNodes() == nodes_before and not preview.visible
-
-
-def test_background_task_reports_progress_result_and_failure():
-    def work(t):
-        for n in range(3):
-            t.progress(n + 1, 3, f"slice {n}")
-        return 42
-
-    state = tasks.BackgroundTask(work).start().wait(5)
-    assert (state.status, state.result, state.done, state.total, state.fraction) == (tasks.DONE, 42, 3, 3, 1.0)
-    state = tasks.run_inline(lambda t: (_ for _ in ()).throw(ValueError("bad prompt")))
-    assert state.status == tasks.FAILED and "bad prompt" in state.message and "ValueError" in state.details
 
 
 def _bright_box_scene():
@@ -253,11 +263,9 @@ def test_robustness_check_on_volume_node_with_reference_node(tiny_model):
     assert segments.same_snapshot(before, segments.snapshot(ref, vol))  # the reference is only read
 
 
-def test_robustness_job_checks_in_the_calling_thread_and_works_in_another(tiny_model):
-    """The panel's split: robustnessJob refuses bad input at once (no model work); its work runs in a
-    background thread without touching MRML and gives the rows robustnessCheck gives."""
-    import threading
-
+def test_robustness_request_checks_before_any_model_work(tiny_model):
+    """The panel's split: robustnessRequest refuses bad input at once (no engine request is made); a good
+    one returns a request at once, whose rows equal robustnessCheck's."""
     from RobustMedSAMLib.prompt_files import ObjectPrompts
     from RobustMedSAMLogic.engine import EngineSession
     from RobustMedSAMLogic.logic import RobustMedSAMBridgeLogic
@@ -270,21 +278,17 @@ def test_robustness_job_checks_in_the_calling_thread_and_works_in_another(tiny_m
     logic = RobustMedSAMBridgeLogic(scene, engine)
     objects = [ObjectPrompts("bright", None, {1: Prompt(box=[10, 8, 30, 24])}),
                ObjectPrompts("dark", None, {1: Prompt(box=[2, 2, 8, 8])})]
-    calls = engine.predictor.encoder_calls
     with pytest.raises(ValueError, match="unknown corruption 'snow'"):
-        logic.robustnessJob(vol, objects, corruptions=["snow"])
+        logic.robustnessRequest(vol, objects, corruptions=["snow"])
     with pytest.raises(ValueError, match="severity must be one of"):
-        logic.robustnessJob(vol, objects, severity=7)
+        logic.robustnessRequest(vol, objects, severity=7)
     with pytest.raises(ValueError, match="no segment named 'bright'.*liver"):
-        logic.robustnessJob(vol, objects, ref)
-    assert engine.predictor.encoder_calls == calls  # refused before any model work
+        logic.robustnessRequest(vol, objects, ref)
+    assert engine.client.pending == 0 and engine.client.service.predictor is None  # refused before any work
     kwargs = dict(axis="k", corruptions=["gaussian_noise"], iou_threshold=0.0)
-    work = logic.robustnessJob(vol, objects[:1], **kwargs)
-    out = {}
-    thread = threading.Thread(target=lambda: out.update(rows=work()))
-    thread.start()
-    thread.join(120)
+    request = logic.robustnessRequest(vol, objects[:1], **kwargs)
+    rows = engine.wait(request).value()
     expected, table = logic.robustnessCheck(vol, objects[:1], **kwargs)
-    assert [(r.corruption, r.voxels, r.dice_vs_clean) for r in out["rows"]] == \
+    assert [(r.corruption, r.voxels, r.dice_vs_clean) for r in rows] == \
         [(r.corruption, r.voxels, r.dice_vs_clean) for r in expected]
-    assert out["rows"][0].voxels > 0 and table.GetTable().GetNumberOfRows() == 2
+    assert rows[0].voxels > 0 and table.GetTable().GetNumberOfRows() == 2

@@ -2,7 +2,8 @@
 
 Everything here imports only ``slicer`` (MRML/segmentation classes, no Qt), ``vtk``, numpy and the engine,
 so it runs in the Slicer application, in ``Slicer --no-main-window`` batch mode and on the ``slicer-core``
-wheel (headless tests). torch is imported only when a model is loaded.
+wheel (headless tests). torch is never imported here: the engine runs in its own process (in batch mode and
+tests it may run in-process, through the same requests).
 
 Modules:
 
@@ -11,8 +12,9 @@ Modules:
 * :mod:`.segments` -- writing masks into segments the way the Segment Editor does (masking, overwrite,
   undo), and the preview segmentation.
 * :mod:`.markups` -- point list / ROI markups nodes -> engine prompts.
-* :mod:`.engine` -- model, predictor and per-volume uint8 images, shared by the module and the effects.
-* :mod:`.tasks` -- background work with progress and cancel, polled from the GUI thread.
+* :mod:`.engine` -- the engine process (``RobustMedSAMLib.worker``) as the module and both effects share it:
+  model choice, volumes sent once, requests that return at once and answer in ``on_done``.
+* :mod:`.pump` -- the Qt timer that reads the engine's answers while requests are pending (Slicer only).
 * :mod:`.interaction` -- slice-view clicks/drags -> 2D prompts, prompt editing, preview/apply/cancel.
 * :mod:`.propagation` -- the propagate effect's session (seeds from a segment, repropagation, apply).
 * :mod:`.logic` -- :class:`~.logic.RobustMedSAMBridgeLogic`: parameters, ``segmentVolume``/``process``, IoU
@@ -20,5 +22,5 @@ Modules:
 * :mod:`.headless` -- the MRML scene set-up that makes segments work without the Slicer application.
 * :mod:`.dependencies` -- which Python requirements are missing, and installing them inside Slicer.
 """
-__all__ = ["volumes", "segments", "markups", "engine", "tasks", "interaction", "propagation", "logic",
+__all__ = ["volumes", "segments", "markups", "engine", "pump", "interaction", "propagation", "logic",
            "headless", "dependencies"]

@@ -1,24 +1,36 @@
-"""The engine as the module and both effects share it: one model, one predictor (encoding cache) and the
-uint8 image of each source volume.
+"""The engine as the module and both effects share it: one worker process holding the model and its
+encoding cache (``RobustMedSAMLib.worker``), and the volumes sent to it.
 
-torch is imported only in :meth:`EngineSession.load`. The encoding cache is keyed by image content, model
-and axis, so the 2D effect, the propagate effect and the module reuse each other's slice encodings.
+Slicer's main thread keeps Python's GIL while it idles, so engine work in a Python thread of the Slicer
+process would only move during GUI callbacks. Everything heavy therefore runs in a worker process started
+with Slicer's ``PythonSlicer``; this process never imports torch. Every method here returns at once with a
+:class:`~RobustMedSAMLib.worker.client.Request` whose ``on_done(request)`` callback runs in the GUI thread
+when :meth:`EngineSession.poll` (driven by :mod:`.pump`'s Qt timer in Slicer) sees the reply. Batch mode
+and tests use the same methods on an in-process client and :meth:`EngineSession.wait`.
+
+Volumes are identified by node *object* (not node ID, which Slicer reuses after a scene close) and the
+state of their voxels and geometry; :meth:`EngineSession.forget_scene` drops them all.
 """
 from __future__ import annotations
 
-import threading
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
+
+from RobustMedSAMLib.worker.client import InProcessClient, Request, WorkerClient
+from RobustMedSAMLib.worker.connection import EngineConnection, ModelSpec
 
 from . import volumes
 
 CUSTOM_CHECKPOINT = "custom checkpoint"
-#: intensity mapping choices: "auto" (engine: CT soft-tissue window / MR percentiles), "display" (the volume's
-#: current window/level in the slice views), a window preset name, or "LEVEL,WIDTH".
-INTENSITY_CHOICES = ("auto", "display", "soft_tissue", "lung", "bone", "brain", "MR")
+#: intensity mapping choices: "display" (the volume's window/level as shown in the slice views: what the
+#: user sees is what the model sees), "auto" (engine: CT window or MR percentiles), a window preset name,
+#: or "LEVEL,WIDTH".
+INTENSITY_CHOICES = ("display", "auto", "soft_tissue", "lung", "bone", "brain", "MR")
 
 
 def model_names() -> Tuple[str, ...]:
@@ -45,18 +57,6 @@ def weights_status(model: str) -> Tuple[bool, Optional[Path], str]:
     return False, path, f"not downloaded yet (downloaded on first use into {path.parent})"
 
 
-def available_devices() -> Tuple[str, ...]:
-    """``("auto", "cpu", "cuda", ...)`` as the engine sees them (imports torch)."""
-    import torch
-
-    out = ["auto", "cpu"]
-    if torch.cuda.is_available():
-        out += ["cuda"] + [f"cuda:{n}" for n in range(1, torch.cuda.device_count())]
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        out.append("mps")
-    return tuple(out)
-
-
 @dataclass(frozen=True)
 class ModelChoice:
     model: str = "robustmedsam"          # a MODELS name, or CUSTOM_CHECKPOINT
@@ -70,168 +70,242 @@ class ModelChoice:
     def key(self) -> tuple:
         return (self.model, self.checkpoint, self.device, self.robust)
 
+    def spec(self) -> ModelSpec:
+        return ModelSpec(self.model, self.checkpoint, self.device, self.robust, float(self.cache_mb),
+                         bool(self.fp16_cache))
+
+
+def worker_python() -> str:
+    """The Python that runs the worker: Slicer's ``PythonSlicer`` inside Slicer (found as
+    SlicerTotalSegmentator finds it), else this interpreter."""
+    slicer = sys.modules.get("slicer")
+    if slicer is not None and getattr(slicer, "app", None) is not None:
+        found = shutil.which("PythonSlicer")
+        if found is None:
+            home = getattr(slicer.app, "slicerHome", "")
+            for name in ("PythonSlicer.exe", "PythonSlicer"):
+                candidate = Path(home) / "bin" / name
+                if candidate.is_file():
+                    found = str(candidate)
+                    break
+        if found is None:
+            raise RuntimeError("PythonSlicer was not found next to Slicer; the RobustMedSAM engine cannot start "
+                               "(reinstall Slicer)")
+        return found
+    return sys.executable
+
+
+def _log_dir() -> Path:
+    from RobustMedSAMLib.weights import cache_dir
+
+    return cache_dir() / "worker"
+
+
+class _VolumeEntry:
+    def __init__(self, node, state, key: str) -> None:
+        self.node, self.state, self.key = node, state, key
+
 
 class EngineSession:
-    """Lazily loaded model + predictor, and per-volume uint8 images.
+    """The engine as the Slicer side sees it (see the module docstring).
 
-    ``loaded``: inject an already loaded model (tests use the engine's seeded tiny model).
+    Arguments:
+        choice: the model to use (:class:`ModelChoice`).
+        client: a ``WorkerClient`` or ``InProcessClient``; default: a worker started with :func:`worker_python`.
+        loaded: an already loaded engine ``LoadedModel`` served in-process (tests, the self-test).
+        in_process: run the engine in this process (batch mode).
     """
 
-    def __init__(self, choice: Optional[ModelChoice] = None, loaded=None) -> None:
+    def __init__(self, choice: Optional[ModelChoice] = None, loaded=None, client=None, in_process: bool = False):
         self.choice = choice or ModelChoice()
-        self._loaded = loaded
-        self._predictor = None
-        self._lock = threading.RLock()
-        self._images: Dict[tuple, np.ndarray] = {}
+        if client is None:
+            if loaded is not None or in_process:
+                from RobustMedSAMLib.worker.service import EngineService
 
-    # model ------------------------------------------------------------------------------------------
+                client = InProcessClient(EngineService(loaded))
+            else:
+                client = WorkerClient(worker_python(), log_dir=_log_dir())
+        self.connection = EngineConnection(client, self.choice.spec(), wake=self._wake)
+        self.pump: Optional[Callable[[], None]] = None  # the Slicer side: starts its poll timer
+        self.status: Dict[str, Any] = {}
+        self._volumes: Dict[int, _VolumeEntry] = {}
+
+    @property
+    def client(self):
+        return self.connection.client
+
+    def _wake(self) -> None:
+        if self.pump is not None:
+            self.pump()
+
+    # -- model ---------------------------------------------------------------------------------------
     def configure(self, choice: ModelChoice) -> None:
-        """Change model/device/cache settings; the model is reloaded on next use if they changed."""
-        with self._lock:
-            if choice.key != self.choice.key:
-                self.close()
-                self._loaded = None
-            elif self._predictor is not None and (choice.cache_mb, choice.fp16_cache) != (
-                    self.choice.cache_mb, self.choice.fp16_cache):
-                self._predictor.cache.max_bytes = int(choice.cache_mb * 1e6)
-            self.choice = choice
+        """Use ``choice`` from the next request on (the worker reloads only what changed)."""
+        self.choice = choice
+        self.connection.configure(choice.spec())
 
     @property
     def is_loaded(self) -> bool:
-        return self._loaded is not None
+        return self.connection.is_loaded
 
-    def ensure_weights(self, progress: Optional[Callable] = None, cancel: Optional[Callable[[], bool]] = None,
-                       allow_download: bool = True) -> Optional[Path]:
-        """Download the named model's weights if needed (``progress(done, total)``, ``cancel()``); returns the
-        file (None for a custom checkpoint). Raises the engine's ``WeightsNotAvailableError`` (with the
-        how-to message) or ``DownloadCancelled``."""
-        from RobustMedSAMLib.models import get_config
-        from RobustMedSAMLib.weights import ensure_weights
-
-        if self.choice.model == CUSTOM_CHECKPOINT or self.choice.checkpoint:
-            return None
-        cfg = get_config(self.choice.model)
-        if cfg.weights is None:
-            return None
-        return ensure_weights(cfg.weights, allow_download=allow_download, progress=progress, cancel=cancel)
-
-    def load(self, progress: Optional[Callable] = None, cancel: Optional[Callable[[], bool]] = None,
-             allow_download: bool = True):
-        """Load the model (downloading its weights first if needed); returns the engine ``LoadedModel``."""
-        from RobustMedSAMLib.models import load_model
-
-        with self._lock:
-            if self._loaded is not None:
-                return self._loaded
-            checkpoint = self.choice.checkpoint or None
-            if self.choice.model == CUSTOM_CHECKPOINT:
-                if not checkpoint:
-                    raise ValueError("choose a checkpoint file (.pth or .safetensors) for 'custom checkpoint'")
-                if not Path(checkpoint).is_file():
-                    raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-                self._loaded = load_model(None, checkpoint, device=self.choice.device)
-            elif checkpoint:
-                self._loaded = load_model(self.choice.model, checkpoint, device=self.choice.device)
-            else:
-                self.ensure_weights(progress, cancel, allow_download)
-                self._loaded = load_model(self.choice.model, device=self.choice.device, allow_download=False)
-            return self._loaded
-
-    @property
-    def predictor(self):
-        """The shared :class:`~RobustMedSAMLib.predictor.Predictor` (loads the model on first use)."""
-        from RobustMedSAMLib.predictor import EncodingCache, Predictor
-
-        with self._lock:
-            if self._predictor is None:
-                loaded = self.load()
-                cache = EncodingCache(max_bytes=int(self.choice.cache_mb * 1e6), fp16=self.choice.fp16_cache)
-                self._predictor = Predictor(loaded, cache, robust=self.choice.robust)
-            return self._predictor
+    def load(self, allow_download: bool = True, on_progress=None, on_done=None) -> Request:
+        """Load the chosen model in the engine (downloading its weights if allowed), in the background."""
+        return self.connection.load(allow_download, on_progress, on_done)
 
     def describe(self) -> str:
-        if self._loaded is None:
-            return "model not loaded"
-        cfg = self._loaded.config
-        return f"{cfg.name} on {self._loaded.device} ({'robust' if self.predictor.robust else 'SAM'} decoder path)"
+        info = self.connection.info
+        return info.get("description", "model not loaded") if self.is_loaded else "model not loaded"
 
     def cache_text(self) -> str:
-        if self._predictor is None:
-            return "empty"
-        c = self._predictor.cache
-        return (f"{len(c)} slice encodings, {c.bytes / 1e6:.0f} of {c.max_bytes / 1e6:.0f} MB; "
-                f"{self._predictor.encoder_calls} encoded, {c.hits} reused")
+        return self.status.get("cache", "empty")
 
-    def clear_cache(self) -> None:
-        with self._lock:
-            if self._predictor is not None:
-                self._predictor.cache.clear()
-            self._images.clear()
+    def refresh_status(self, on_done=None) -> Request:
+        """Ask the engine for its cache and memory figures (kept in :attr:`status`)."""
+        def done(request):
+            if request.ok:
+                self.status = dict(request.result)
+            if on_done is not None:
+                on_done(request)
+
+        return self.connection.request("status", on_done=done)
+
+    def devices(self, on_done=None) -> Request:
+        return self.connection.request("devices", on_done=on_done)
+
+    def clear_cache(self) -> Optional[Request]:
+        if not self.client.alive:
+            return None
+        return self.connection.request("clear_cache")
+
+    def unload(self) -> None:
+        """End the engine process: its memory (model, cache) goes back to the system."""
+        self.connection.unload()
+        self.status = {}
 
     def close(self) -> None:
-        with self._lock:
-            if self._predictor is not None:
-                self._predictor.close()
-            self._predictor = None
+        self.forget_scene()
+        self.connection.close()
 
-    # images -----------------------------------------------------------------------------------------
-    def images(self, volume_node, intensity: Union[str, Tuple[float, float]] = "auto") -> np.ndarray:
-        """The volume mapped to uint8 ``(K, J, I)`` once (cached until the voxels or the mapping change)."""
-        key, mapping = self._mapping_key(volume_node, intensity)
-        with self._lock:
-            cached = self._images.get(key)
-            if cached is not None:
-                return cached
-        array = volumes.volume_array(volume_node)
-        images = mapping(array)
-        with self._lock:
-            stale = [k for k in self._images if k[0] == key[0]]
-            for k in stale:
-                del self._images[k]
-            self._images[key] = images
-        return images
-
-    def _mapping_key(self, volume_node, intensity):
-        from RobustMedSAMLib.intensity import Window, intensity_mapping
-
+    # -- volumes -------------------------------------------------------------------------------------
+    @staticmethod
+    def _state(volume_node) -> tuple:
         image = volume_node.GetImageData()
-        base = (volume_node.GetID() or str(id(volume_node)), image.GetMTime() if image is not None else 0)
+        return (image, image.GetMTime() if image is not None else 0, volumes.ijk_to_ras(volume_node).tobytes())
+
+    def volume_key(self, volume_node) -> str:
+        """The engine's key of this volume node's voxels (sent once; again after they change)."""
+        entry = self._volumes.get(id(volume_node))
+        state = self._state(volume_node)
+        if entry is not None and entry.node is volume_node and entry.state == state:
+            return entry.key
+        if entry is not None:
+            self.connection.drop_volume(entry.key)
+        volume = volumes.volume_from_node(volume_node)
+        key = self.connection.set_volume(volume.array, volume.ijk_to_lps)
+        self._volumes[id(volume_node)] = _VolumeEntry(volume_node, state, key)
+        return key
+
+    def forget_scene(self) -> None:
+        """Drop every volume (scene closed: node objects and IDs are no longer valid)."""
+        for entry in self._volumes.values():
+            self.connection.drop_volume(entry.key)
+        self._volumes.clear()
+
+    @staticmethod
+    def mapping(volume_node, intensity: Any = "display"):
+        """The engine's intensity mapping for a volume node: ``"display"`` becomes its current window/level."""
         if isinstance(intensity, str) and intensity == "display":
             display = volume_node.GetDisplayNode()
             if display is None:
-                intensity = "auto"
-            else:
-                intensity = (float(display.GetWindowLevelMin() + display.GetWindowLevelMax()) / 2.0,
-                             float(display.GetWindowLevelMax() - display.GetWindowLevelMin()))
-        if isinstance(intensity, str) and "," in intensity:
-            level, width = (float(v) for v in intensity.split(","))
-            intensity = (level, width)
-        if isinstance(intensity, tuple):
-            level, width = intensity
-            window = Window(level, max(float(width), 1e-6))
-            return base + ("window", level, width), (lambda a: intensity_mapping(a, window=window).apply(a))
-        if intensity in ("MR", "other"):
-            return base + (intensity,), (lambda a: intensity_mapping(a, modality=intensity).apply(a))
-        if intensity == "auto":
-            return base + ("auto",), (lambda a: intensity_mapping(a).apply(a))
-        return base + ("preset", intensity), (lambda a: intensity_mapping(a, window=intensity).apply(a))
+                return "auto"
+            lo, hi = float(display.GetWindowLevelMin()), float(display.GetWindowLevelMax())
+            return [(lo + hi) / 2.0, max(hi - lo, 1e-6)]
+        if isinstance(intensity, (tuple, list)):
+            return [float(v) for v in intensity]
+        return intensity
 
-    def segmenter(self, volume_node, axis: int, intensity="auto"):
-        """An engine ``VolumeSegmenter`` over ``axis`` of the volume's uint8 images."""
-        from RobustMedSAMLib.volume_segmentation import VolumeSegmenter
+    def _fields(self, volume_node, intensity) -> Dict[str, Any]:
+        return {"mapping": self.mapping(volume_node, intensity)}
 
-        return VolumeSegmenter(self.predictor, self.images(volume_node, intensity), int(axis))
+    # -- requests (GUI thread; the work happens in the engine) ---------------------------------------
+    def predict(self, volume_node, axis: int, index: int, prompt, multimask: bool = False, intensity="display",
+                on_done=None) -> Request:
+        """Segment one object on slice ``index`` along array axis ``axis``; result: a ``Prediction`` with
+        all candidate masks ``(C, H, W)`` and their predicted IoU."""
+        return self.connection.request("predict", self.volume_key(volume_node), on_done=on_done, axis=int(axis),
+                                       index=int(index), prompt=prompt, multimask=bool(multimask),
+                                       **self._fields(volume_node, intensity))
+
+    def prefetch(self, volume_node, axis: int, index: int, intensity="display", neighbours: int = 0) -> None:
+        """Encode this slice soon, if the model is loaded (debounced, latest wins)."""
+        if not self.is_loaded:
+            return
+        self.connection.prefetch(self.volume_key(volume_node), axis, index,
+                                 self.mapping(volume_node, intensity), neighbours)
+
+    def propagate(self, volume_node, axis: int, seeds: Dict[int, np.ndarray], options: Optional[dict] = None,
+                  intensity="display", on_progress=None, on_done=None) -> Request:
+        """The engine's ``propagate`` from ``{slice index: (H, W) mask}``; result: a ``PropagationResult``."""
+        return self.connection.request("propagate", self.volume_key(volume_node), on_progress, on_done,
+                                       axis=int(axis), seeds=dict(seeds), options=dict(options or {}),
+                                       **self._fields(volume_node, intensity))
+
+    def repropagate(self, volume_node, axis: int, previous, changes: Sequence[Tuple[int, np.ndarray]],
+                    options: Optional[dict] = None, intensity="display", on_progress=None, on_done=None) -> Request:
+        """The engine's ``repropagate`` of ``previous`` for each ``(index, mask)`` change, in order."""
+        return self.connection.request("repropagate", self.volume_key(volume_node), on_progress, on_done,
+                                       axis=int(axis), previous=previous,
+                                       changes=[(int(i), m) for i, m in changes], options=dict(options or {}),
+                                       **self._fields(volume_node, intensity))
+
+    def segment_volume(self, volume_node, objects, axis: int, options: Optional[dict] = None, intensity="display",
+                       on_progress=None, on_done=None) -> Request:
+        """The engine's ``segment_volume``; result: a ``VolumeResult``."""
+        return self.connection.request("segment_volume", self.volume_key(volume_node), on_progress, on_done,
+                                       axis=int(axis), objects=list(objects), options=dict(options or {}),
+                                       **self._fields(volume_node, intensity))
+
+    def robustness(self, volume_node, objects, axis: int, reference: Optional[Dict[str, np.ndarray]] = None,
+                   corruptions: Optional[Sequence[str]] = None, severity: int = 3, seed: int = 0,
+                   options: Optional[dict] = None, intensity="display", on_progress=None, on_done=None) -> Request:
+        """The engine's ``robustness_check``; result: a list of ``RobustnessRow``."""
+        return self.connection.request("robustness", self.volume_key(volume_node), on_progress, on_done,
+                                       axis=int(axis), objects=list(objects), reference=reference,
+                                       corruptions=list(corruptions) if corruptions else None,
+                                       severity=int(severity), seed=int(seed), options=dict(options or {}),
+                                       **self._fields(volume_node, intensity))
+
+    # -- replies -------------------------------------------------------------------------------------
+    def poll(self, budget: float = 0.01) -> int:
+        """Exchange with the engine without blocking; returns how many requests are still pending."""
+        return self.connection.poll(budget)
+
+    @property
+    def pending(self) -> int:
+        return self.connection.pending
+
+    def wait(self, request: Request, timeout: Optional[float] = None) -> Request:
+        """Block until ``request`` is answered (batch mode and tests)."""
+        return self.connection.wait(request, timeout)
 
 
 _SHARED: Optional[EngineSession] = None
 
 
 def shared_session(choice: Optional[ModelChoice] = None) -> EngineSession:
-    """The process-wide session shared by the module and both effects (one model in memory, one encoding
+    """The process-wide session shared by the module and both effects (one engine process, one encoding
     cache); ``choice`` reconfigures it (the model is reloaded only if model/checkpoint/device changed)."""
     global _SHARED
     if _SHARED is None:
         _SHARED = EngineSession(choice)
-    elif choice is not None:
+    elif choice is not None and choice != _SHARED.choice:
         _SHARED.configure(choice)
     return _SHARED
+
+
+def set_shared_session(session: Optional[EngineSession]) -> None:
+    """Replace the shared session (the self-test injects an in-process one); the old one is closed."""
+    global _SHARED
+    if _SHARED is not None and _SHARED is not session:
+        _SHARED.close()
+    _SHARED = session

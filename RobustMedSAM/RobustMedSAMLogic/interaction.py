@@ -15,8 +15,11 @@ RAS``) supplied by the effect, so everything below runs and is tested without a 
 * :class:`DragTracker` -- press/move/release in view pixels -> click or box drag (any direction).
 * :func:`box_from_corners` -- two slice positions -> normalised exclusive box ``(x0, y0, x1, y1)``.
 * :class:`PromptSet` -- the prompt list on one slice: add/remove/undo last/clear, -> engine ``Prompt``.
-* :class:`PromptSession` -- the effect's state machine: prompts -> preview (from the cached encoding) ->
-  apply (writes the selected segment) or cancel (drops it); multimask choice; background prefetch.
+* :class:`PromptSession` -- the effect's state machine: prompts -> prediction request -> preview (when the
+  engine answers; stale answers ignored) -> apply (writes the selected segment) or cancel (drops it);
+  multimask choice; background prefetch.
+* :class:`EventRouter` -- Segment Editor interaction events (press, move, release, double click, keys) ->
+  prompt actions, so that the effect's event handler is a thin forwarder.
 """
 from __future__ import annotations
 
@@ -296,23 +299,26 @@ class PromptSet:
 
 
 # ---------------------------------------------------------------------------------- prompt session
-IDLE, PREVIEW, ERROR = "idle", "preview", "error"
+IDLE, PENDING, PREVIEW, ERROR = "idle", "pending", "preview", "error"
 
 
 class PromptSession:
     """State machine of the prompt effect.
 
-    States: ``idle`` (no prompt), ``preview`` (prompts and a predicted mask shown), ``error`` (prompts whose
-    prediction failed; :attr:`message` says why). Every prompt edit re-predicts from the cached encoding and
-    updates the preview; :meth:`apply` writes the shown mask and returns to ``idle``; :meth:`cancel` drops
-    prompts and preview. A prompt on another slice (or axis) starts a new prompt set there (the unapplied
-    preview is dropped).
+    States: ``idle`` (no prompt), ``pending`` (prompts sent, the engine's answer not back yet; the previous
+    preview stays on screen), ``preview`` (prompts and their predicted mask shown), ``error`` (prompts whose
+    prediction failed; :attr:`message` says why). Every prompt edit asks for a new prediction; an answer to
+    an older edit (or one arriving after :meth:`apply`/:meth:`cancel`) is ignored, so the preview always
+    belongs to the prompts on screen. :meth:`apply` writes the shown mask and returns to ``idle``;
+    :meth:`cancel` drops prompts and preview. A prompt on another slice (or axis) starts a new prompt set
+    there (the unapplied preview is dropped).
 
     Callables (supplied by the effect, or by tests):
-        predict(axis, index, prompt, multimask) -> Prediction  (engine; ``masks`` ``(C, H, W)``, ``iou`` ``(C,)``)
-        show(axis, index, mask2d or None)                     (preview display)
-        write(axis, index, mask2d)                            (apply: one undoable modification)
-        prefetch(axis, index)                                 (optional: encode in the background)
+        predict(axis, index, prompt, multimask, reply)  (engine; later or at once ``reply(prediction)`` or
+            ``reply(error=exception)``; a ``Prediction`` has ``masks`` ``(C, H, W)`` and ``iou`` ``(C,)``)
+        show(axis, index, mask2d or None)                (preview display)
+        write(axis, index, mask2d)                       (apply: one undoable modification)
+        prefetch(axis, index)                            (optional: encode in the background)
 
     ``multimask``: ``"auto"`` (three candidates for an ambiguous single point, else one), ``"always"`` or
     ``"never"``; :meth:`next_candidate` cycles through candidates, otherwise the best predicted IoU is shown.
@@ -329,6 +335,8 @@ class PromptSession:
         self.state = IDLE
         self.message = ""
         self.applied = 0
+        self._sequence = 0  # numbers the prediction requests; only the newest answer counts
+        self.on_change: Optional[Callable[[], None]] = None  # called after an answer arrived
 
     # prompts ---------------------------------------------------------------------------------------
     def _prompt_set(self, pos: SlicePosition, slice_shape: Tuple[int, int]) -> PromptSet:
@@ -379,23 +387,35 @@ class PromptSession:
         return self.prompts.ambiguous
 
     def update(self) -> None:
-        """Re-predict from the current prompts and refresh the preview."""
+        """Ask for a prediction from the current prompts; the preview follows when the answer arrives."""
+        self._sequence += 1
         if self.prompts is None or self.prompts.empty:
             if self.prompts is not None:
                 self._show(self.prompts.axis, self.prompts.index, None)
             self.prediction, self.state, self.message = None, IDLE, ""
             return
+        sequence, axis, index = self._sequence, self.prompts.axis, self.prompts.index
+        self.state, self.message = PENDING, ""
+
+        def reply(prediction=None, error: Optional[BaseException] = None) -> None:
+            if sequence != self._sequence:
+                return  # an answer to older prompts, or the session moved on (apply, cancel)
+            if error is not None or prediction is None:
+                self.prediction, self.state = None, ERROR
+                self.message = (str(error) or type(error).__name__) if error is not None else "no prediction"
+                self._show(axis, index, None)
+            else:
+                self.prediction, self.state, self.message = prediction, PREVIEW, ""
+                if self.candidate is not None and self.candidate >= len(prediction.iou):
+                    self.candidate = None
+                self._show(axis, index, self.mask)
+            if self.on_change is not None:
+                self.on_change()
+
         try:
-            self.prediction = self._predict(self.prompts.axis, self.prompts.index, self.prompts.to_prompt(),
-                                            self.wants_multimask())
+            self._predict(axis, index, self.prompts.to_prompt(), self.wants_multimask(), reply)
         except Exception as exc:  # shown to the user; the segmentation is untouched
-            self.prediction, self.state, self.message = None, ERROR, str(exc) or type(exc).__name__
-            self._show(self.prompts.axis, self.prompts.index, None)
-            return
-        if self.candidate is not None and self.candidate >= len(self.prediction.iou):
-            self.candidate = None
-        self.state, self.message = PREVIEW, ""
-        self._show(self.prompts.axis, self.prompts.index, self.mask)
+            reply(error=exc)
 
     @property
     def candidates(self) -> int:
@@ -434,6 +454,7 @@ class PromptSession:
             return False
         axis, index, mask = self.prompts.axis, self.prompts.index, self.mask
         self._write(axis, index, mask)
+        self._sequence += 1
         self._show(axis, index, None)
         self.prompts = PromptSet(axis, index, self.prompts.slice_shape)
         self.prediction, self.candidate, self.state, self.message = None, None, IDLE, ""
@@ -441,7 +462,8 @@ class PromptSession:
         return True
 
     def cancel(self) -> None:
-        """Drop prompts and preview; nothing is written."""
+        """Drop prompts and preview (an answer still on its way is ignored); nothing is written."""
+        self._sequence += 1
         if self.prompts is not None:
             self._show(self.prompts.axis, self.prompts.index, None)
             self.prompts = PromptSet(self.prompts.axis, self.prompts.index, self.prompts.slice_shape)
@@ -451,3 +473,69 @@ class PromptSession:
         """The view now shows slice ``index`` along ``axis``: start encoding it in the background."""
         if self._prefetch is not None:
             self._prefetch(axis, index)
+
+
+# ------------------------------------------------------------------------------------------ events
+PRESS, MOVE, RELEASE, DOUBLE_CLICK, RIGHT_PRESS, KEY = "press", "move", "release", "double_click", "right_press", "key"
+#: keys the prompt effect handles (Esc is Slicer's shortcut for leaving the effect: it never reaches us, and
+#: leaving the effect drops the prompts anyway)
+KEY_ACTIONS = {"Return": "apply", "KP_Enter": "apply", "BackSpace": "undo", "n": "next"}
+
+
+@dataclass(frozen=True)
+class Action:
+    """What an event asks for: ``kind`` "point" (``xy``, ``positive``), "box" (``xy`` to ``end``), "remove"
+    (``xy``), "band" (rubber band ``rect`` in view pixels, or None to hide it), "apply", "undo", "next"."""
+
+    kind: str
+    xy: Optional[Tuple[float, float]] = None
+    end: Optional[Tuple[float, float]] = None
+    positive: bool = True
+    rect: Optional[Tuple[float, float, float, float]] = None
+
+
+class EventRouter:
+    """Slice-view events of the prompt effect -> :class:`Action` lists, per view (GUI-free).
+
+    Left press + release = click (object point; Ctrl = background point; Shift = remove the nearest point),
+    left drag = box, right press = background point. A double click arrives without a press (the second
+    press of a double click is reported as ``double_click``): it starts a click like a press, so a quick
+    double click gives two points, and is consumed (otherwise Slicer maximizes the view).
+    Returns ``(consumed, actions)``; consumed events must not reach Slicer's own handlers.
+    """
+
+    def __init__(self, drag_threshold: float = 4.0) -> None:
+        self.drag_threshold = float(drag_threshold)
+        self._drags: dict = {}
+        self._shift: dict = {}
+
+    def reset(self) -> None:
+        self._drags.clear()
+        self._shift.clear()
+
+    def handle(self, view, kind: str, xy: Sequence[float], control: bool = False, shift: bool = False,
+               key: str = "") -> Tuple[bool, List[Action]]:
+        xy = (float(xy[0]), float(xy[1]))
+        drag = self._drags.setdefault(view, DragTracker(self.drag_threshold))
+        if kind == KEY:
+            action = KEY_ACTIONS.get(key)
+            return (True, [Action(action)]) if action else (False, [])
+        if kind in (PRESS, DOUBLE_CLICK):
+            drag.press(xy, modifier=control)
+            self._shift[view] = bool(shift)
+            return True, []
+        if kind == MOVE:
+            if not drag.active:
+                return False, []
+            return True, ([Action("band", rect=drag.rectangle)] if drag.move(xy) else [])
+        if kind == RIGHT_PRESS:
+            return True, [Action("point", xy, positive=False)]
+        if kind == RELEASE and drag.active:
+            negative = drag.modifier
+            gesture, start, end = drag.release(xy)
+            if gesture == "drag":
+                return True, [Action("band"), Action("box", start, end)]
+            if self._shift.pop(view, False):
+                return True, [Action("remove", start)]
+            return True, [Action("point", start, positive=not negative)]
+        return False, []

@@ -2,6 +2,8 @@
 
 :class:`RobustMedSAMBridgeLogic` is what the module's ``RobustMedSAMLogic`` (a
 ``ScriptedLoadableModuleLogic``), both effects and the batch script ``Scripts/segment_volume.py`` call.
+Engine work goes through an :class:`~.engine.EngineSession`: the ``...Request`` methods read MRML here and
+return at once (the result arrives in ``on_done``); the plain methods wait for it (batch mode, scripts).
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import segments, volumes
-from .engine import EngineSession, ModelChoice, shared_session
+from .engine import EngineSession, ModelChoice, shared_session  # noqa: F401 (ModelChoice re-exported)
 
 PARAMETER_TAG = "RobustMedSAM"
 
@@ -24,7 +26,7 @@ class Settings:
     device: str = "auto"
     cacheMB: float = 1024.0
     fp16Cache: bool = False
-    intensity: str = "auto"
+    intensity: str = "display"
     axis: str = "k"
     iouThreshold: float = 0.5
     projection: str = "mask"
@@ -57,7 +59,7 @@ class RobustMedSAMBridgeLogic:
         self.scene = scene if scene is not None else slicer.mrmlScene
         self.engine = engine
         self.last_result = None
-        self._writers: Dict[str, segments.SegmentWriter] = {}
+        self._writers: Dict[int, Tuple[object, segments.SegmentWriter]] = {}  # id(node) -> (node, writer)
 
     # parameters -----------------------------------------------------------------------------------
     def getParameterNode(self):
@@ -126,57 +128,59 @@ class RobustMedSAMBridgeLogic:
         return node
 
     def writer(self, segmentationNode, volumeNode, access=None) -> segments.SegmentWriter:
-        """A :class:`~.segments.SegmentWriter` (Slicer's editor logic, or the 5.8 fallback) for these nodes;
-        kept per segmentation so :meth:`undo` can revert the last write."""
+        """The :class:`~.segments.SegmentWriter` (Slicer's editor logic, or the 5.8 fallback) of these nodes;
+        one per segmentation node *object* (node IDs are reused after a scene close), reused while the source
+        volume stays the same, so :meth:`undo` reverts the last write and no editor node piles up."""
+        key = id(segmentationNode)
+        entry = self._writers.get(key)
+        if (access is None and entry is not None and entry[0] is segmentationNode
+                and entry[1].volume_node is volumeNode):
+            return entry[1]
+        if entry is not None:
+            entry[1].close()
         if access is None:
             access = segments.editor_access(self.scene, segmentationNode, volumeNode)
         w = segments.SegmentWriter(access, segmentationNode, volumeNode)
-        self._writers[segmentationNode.GetID()] = w
+        self._writers[key] = (segmentationNode, w)
         return w
 
+    def _writer_of(self, segmentationNode) -> Optional[segments.SegmentWriter]:
+        entry = self._writers.get(id(segmentationNode))
+        return entry[1] if entry is not None and entry[0] is segmentationNode else None
+
     def canUndo(self, segmentationNode) -> bool:
-        w = self._writers.get(segmentationNode.GetID())
+        w = self._writer_of(segmentationNode)
         return bool(w and w.can_undo())
 
     def undo(self, segmentationNode) -> bool:
         """Revert the last write of :meth:`segmentVolume` into ``segmentationNode``."""
-        w = self._writers.get(segmentationNode.GetID())
+        w = self._writer_of(segmentationNode)
         return bool(w and w.undo())
 
+    def forgetScene(self) -> None:
+        """Drop every undo writer and its helper nodes (call on scene close: their nodes are gone)."""
+        for _, w in self._writers.values():
+            w.close()
+        self._writers.clear()
+        self.last_result = None
+
     # processing ----------------------------------------------------------------------------------
-    def segmentVolume(self, volumeNode, objects, segmentationNode=None, *, axis="k", propagate: bool = True,
-                      iouThreshold: float = 0.5, projection: str = "mask", boxExtension: float = 0.025,
-                      sliceRange: Optional[Tuple[int, int]] = None, intensity="auto", engine=None,
-                      progress: Optional[Callable[[int, int, str], None]] = None,
-                      cancel: Optional[Callable[[], bool]] = None, access=None, replaceSegments: bool = True):
-        """Segment objects in a volume and write one segment per object. Can be used without GUI widget.
-
-        Arguments:
-            volumeNode: the source ``vtkMRMLScalarVolumeNode``.
-            objects: engine ``ObjectPrompts`` (from :meth:`promptsFromMarkups` or
-                ``RobustMedSAMLib.prompt_files.read_prompts``) on slices along ``axis``.
-            segmentationNode: where to write (a new node with the volume's geometry if None).
-            axis: 0/1/2, k/j/i or axial/coronal/sagittal; propagate, iouThreshold, projection, boxExtension,
-                sliceRange: as in the engine's ``segment_volume``; intensity: see ``engine.INTENSITY_CHOICES``.
-            progress: ``progress(done, total, message)``; cancel: ``() -> bool``.
-            access: how to write (default: Slicer's segment editor logic with the Segment Editor's masking
-                settings, or the 5.8 fallback); all objects are written in one undo step.
-            replaceSegments: an object whose name matches an existing segment replaces its content; False
-                always adds new segments.
-
-        Returns ``(segmentationNode, {object name: segment ID}, VolumeResult)``. Nothing is written if the
-        engine fails or is cancelled.
-        """
-        from RobustMedSAMLib.volume_segmentation import segment_volume
-
+    def segmentVolumeRequest(self, volumeNode, objects, *, axis="k", propagate: bool = True,
+                             iouThreshold: float = 0.5, projection: str = "mask", boxExtension: float = 0.025,
+                             sliceRange: Optional[Tuple[int, int]] = None, intensity="display", engine=None,
+                             on_progress=None, on_done=None):
+        """Start segmenting ``objects`` in the engine (nothing written yet); returns the request, whose result
+        is an engine ``VolumeResult`` for :meth:`writeResult`. MRML is read here (GUI thread)."""
         engine = engine or self.engineSession()
-        volume = volumes.volume_from_node(volumeNode)
-        ax = volume.resolve_axis(axis)
-        images = engine.images(volumeNode, intensity)
-        result = segment_volume(volume, list(objects), engine.predictor, axis=ax, images=images,
-                                propagate_volume=propagate, iou_threshold=iouThreshold, projection=projection,
-                                box_extension=boxExtension, slice_range=sliceRange, progress=progress,
-                                cancel=cancel)
+        ax = volumes.volume_from_node(volumeNode).resolve_axis(axis)
+        options = {"propagate_volume": bool(propagate), "iou_threshold": float(iouThreshold),
+                   "projection": projection, "box_extension": float(boxExtension),
+                   "slice_range": tuple(sliceRange) if sliceRange else None}
+        return engine.segment_volume(volumeNode, list(objects), ax, options, intensity, on_progress, on_done)
+
+    def writeResult(self, volumeNode, result, segmentationNode=None, access=None, replaceSegments: bool = True):
+        """Write an engine ``VolumeResult``: one segment per object, all in one undo step (GUI thread).
+        Returns ``(segmentationNode, {object name: segment ID}, result)``."""
         if segmentationNode is None:
             segmentationNode = self.createSegmentationNode(volumeNode)
         writer = self.writer(segmentationNode, volumeNode, access)
@@ -189,30 +193,69 @@ class RobustMedSAMBridgeLogic:
         self.last_result = result
         return segmentationNode, ids, result
 
+    def segmentVolume(self, volumeNode, objects, segmentationNode=None, *, axis="k", propagate: bool = True,
+                      iouThreshold: float = 0.5, projection: str = "mask", boxExtension: float = 0.025,
+                      sliceRange: Optional[Tuple[int, int]] = None, intensity="display", engine=None,
+                      progress: Optional[Callable[[int, int, str], None]] = None, access=None,
+                      replaceSegments: bool = True, timeout: Optional[float] = None):
+        """Segment objects in a volume and write one segment per object. Can be used without GUI widget
+        (it waits for the engine: batch mode, scripts; the module panel uses :meth:`segmentVolumeRequest`).
+
+        Arguments:
+            volumeNode: the source ``vtkMRMLScalarVolumeNode``.
+            objects: engine ``ObjectPrompts`` (from :meth:`promptsFromMarkups` or
+                ``RobustMedSAMLib.prompt_files.read_prompts``) on slices along ``axis``.
+            segmentationNode: where to write (a new node with the volume's geometry if None).
+            axis: 0/1/2, k/j/i or axial/coronal/sagittal; propagate, iouThreshold, projection, boxExtension,
+                sliceRange: as in the engine's ``segment_volume``; intensity: see ``engine.INTENSITY_CHOICES``.
+            progress: ``progress(done, total, message)``.
+            access: how to write (default: Slicer's segment editor logic with the Segment Editor's masking
+                settings, or the 5.8 fallback); all objects are written in one undo step.
+            replaceSegments: an object whose name matches an existing segment replaces its content; False
+                always adds new segments.
+
+        Returns ``(segmentationNode, {object name: segment ID}, VolumeResult)``. Nothing is written if the
+        engine fails.
+        """
+        engine = engine or self.engineSession()
+        on_progress = None if progress is None else (
+            lambda r: progress(int(r.done), int(r.total or 0), r.message))
+        request = self.segmentVolumeRequest(volumeNode, objects, axis=axis, propagate=propagate,
+                                            iouThreshold=iouThreshold, projection=projection,
+                                            boxExtension=boxExtension, sliceRange=sliceRange, intensity=intensity,
+                                            engine=engine, on_progress=on_progress)
+        result = engine.wait(request, timeout).value()
+        return self.writeResult(volumeNode, result, segmentationNode, access, replaceSegments)
+
     process = segmentVolume
 
     def robustnessCheck(self, volumeNode, objects, referenceSegmentationNode=None, *, tableNode=None,
-                        progress: Optional[Callable[[int, int, str], None]] = None,
-                        cancel: Optional[Callable[[], bool]] = None, **kwargs):
+                        progress: Optional[Callable[[int, int, str], None]] = None, timeout: Optional[float] = None,
+                        **kwargs):
         """The engine's robustness check (``RobustMedSAMLib.robustness``) on a volume node: the objects
         segmented clean and under each corruption, Dice vs clean and vs the reference node's segments of the
-        same names. Writes nothing into segmentations; returns ``(rows, vtkMRMLTableNode)``.
+        same names. Writes nothing into segmentations; waits; returns ``(rows, vtkMRMLTableNode)``.
 
-        ``kwargs``: those of :meth:`robustnessJob`.
+        ``kwargs``: those of :meth:`robustnessRequest`.
         """
-        rows = self.robustnessJob(volumeNode, objects, referenceSegmentationNode, **kwargs)(progress, cancel)
+        on_progress = None if progress is None else (
+            lambda r: progress(int(r.done), int(r.total or 0), r.message))
+        request = self.robustnessRequest(volumeNode, objects, referenceSegmentationNode, on_progress=on_progress,
+                                         **kwargs)
+        engine = kwargs.get("engine") or self.engineSession()
+        rows = engine.wait(request, timeout).value()
         return rows, self.robustnessTable(rows, tableNode)
 
-    def robustnessJob(self, volumeNode, objects, referenceSegmentationNode=None, *, axis="k",
-                      corruptions: Optional[Sequence[str]] = None, severity: int = 3, seed: int = 0,
-                      intensity="auto", engine=None, **options):
-        """Read and check everything in the calling (GUI) thread; returns ``work(progress=None, cancel=None)
-        -> rows``, which runs the model and touches no MRML node (safe in a background thread).
+    def robustnessRequest(self, volumeNode, objects, referenceSegmentationNode=None, *, axis="k",
+                          corruptions: Optional[Sequence[str]] = None, severity: int = 3, seed: int = 0,
+                          intensity="display", engine=None, on_progress=None, on_done=None, **options):
+        """Check and read everything here (GUI thread), then start the check in the engine; returns the
+        request (result: the rows for :meth:`robustnessTable`).
 
         Bad corruption names, severity or reference segment names raise ValueError here, before any model
         work. ``options``: propagation options of the engine (``iou_threshold``, ``projection``, ...).
         """
-        from RobustMedSAMLib.robustness import check_conditions, reference_masks, robustness_check
+        from RobustMedSAMLib.robustness import check_conditions, reference_masks
 
         names = check_conditions(corruptions, severity)
         engine = engine or self.engineSession()
@@ -227,16 +270,8 @@ class RobustMedSAMBridgeLogic:
                 named[segmentation.GetSegment(sid).GetName()] = volumes.segment_mask(
                     referenceSegmentationNode, sid, volumeNode)
             reference = reference_masks(named, objects)  # {object name: mask}; raises on a missing name
-        images = engine.images(volumeNode, intensity)
-        ax = volume.resolve_axis(axis)
-
-        def work(progress=None, cancel=None):
-            engine.load(cancel=cancel)
-            return robustness_check(volume, objects, engine.predictor, corruption_names=names, severity=severity,
-                                    seed=seed, axis=ax, images=images, reference=reference, progress=progress,
-                                    cancel=cancel, **options)
-
-        return work
+        return engine.robustness(volumeNode, objects, volume.resolve_axis(axis), reference, names, severity, seed,
+                                 options, intensity, on_progress, on_done)
 
     def robustnessTable(self, rows, tableNode=None):
         """A ``vtkMRMLTableNode`` of robustness rows: corruption, severity, object, voxels, Dice vs clean,

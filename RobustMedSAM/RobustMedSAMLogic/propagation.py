@@ -10,7 +10,10 @@ volume -> preview -> one undoable apply.
 * Nothing touches the segmentation before :meth:`PropagationSession.apply`; the preview lives in a separate
   transient node, so a cancelled or failed run leaves the segmentation exactly as it was.
 
-:meth:`PropagationSession.compute` is pure computation (no MRML), safe to run in a worker thread.
+A run goes through a *runner*: :func:`engine_runner` sends it to the engine process (the MRML reads happen
+here, in the GUI thread, when the request is made; the answer arrives through the engine's poll), and
+:func:`local_runner` computes it at once in this process with any ``SliceSegmenter`` (batch mode, tests).
+A result that arrives after the run was cancelled, superseded or its effect deactivated is dropped.
 """
 from __future__ import annotations
 
@@ -56,21 +59,90 @@ def annotated_slices(mask: np.ndarray, axis: int) -> Dict[int, np.ndarray]:
     return {int(i): np.array(stack[i], copy=True) for i in np.flatnonzero(stack.reshape(len(stack), -1).any(axis=1))}
 
 
+class _Finished:
+    """A request-like record of a run computed in this process (what :func:`local_runner` returns)."""
+
+    def __init__(self, result=None, error: Optional[BaseException] = None) -> None:
+        self.result, self.error = result, error
+        self.status = "ok" if error is None else ("cancelled" if isinstance(error, _cancelled()) else "error")
+        self.finished = True
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def cancel(self) -> None:
+        pass
+
+
+def _cancelled():
+    from RobustMedSAMLib.propagation import PropagationCancelled
+
+    return PropagationCancelled
+
+
+def compute(segmenter, plan: PropagationPlan, options: PropagationOptions,
+            progress: Optional[Callable[[int, int, int], None]] = None, cancel: Optional[Callable[[], bool]] = None):
+    """Run ``plan`` with the engine's propagation on ``segmenter`` in this process; returns the
+    ``PropagationResult`` (raises ``PropagationCancelled`` when cancelled)."""
+    from RobustMedSAMLib.propagation import propagate, repropagate
+
+    if plan.mode == "full":
+        return propagate(segmenter, plan.seeds, progress=progress, cancel=cancel, **options.engine_kwargs())
+    result = plan.previous
+    kwargs = options.engine_kwargs()
+    if kwargs["slice_range"] is None:
+        kwargs["slice_range"] = (0, segmenter.num_slices - 1)
+    for index in plan.changed:
+        result = repropagate(segmenter, result, index, plan.seeds[index], progress=progress, cancel=cancel, **kwargs)
+    return result
+
+
+def local_runner(segmenter_factory: Callable[[int], object], cancel: Optional[Callable[[], bool]] = None):
+    """A runner computing in this process with ``segmenter_factory(axis)`` (a ``SliceSegmenter``)."""
+
+    def run(plan, options, on_progress=None, on_done=None):
+        try:
+            record = _Finished(compute(segmenter_factory(options.axis), plan, options, on_progress, cancel))
+        except Exception as exc:  # noqa: BLE001 - reported like an engine failure
+            record = _Finished(error=exc)
+        if on_done is not None:
+            on_done(record)
+        return record
+
+    return run
+
+
+def engine_runner(engine, volume_node, intensity="display"):
+    """A runner that sends the run to the engine process (``EngineSession.propagate``/``repropagate``)."""
+
+    def run(plan, options, on_progress=None, on_done=None):
+        kwargs = options.engine_kwargs()
+        progress = None if on_progress is None else (
+            lambda request: on_progress(int(request.done), int(request.total or 0), request.message))
+        if plan.mode == "full":
+            return engine.propagate(volume_node, options.axis, plan.seeds, kwargs, intensity, progress, on_done)
+        return engine.repropagate(volume_node, options.axis, plan.previous,
+                                  [(i, plan.seeds[i]) for i in plan.changed], kwargs, intensity, progress, on_done)
+
+    return run
+
+
 class PropagationSession:
     """One segment of one segmentation, propagated on one source volume.
 
     Arguments:
-        segmenter_factory: ``(axis) -> SliceSegmenter`` (the engine's ``VolumeSegmenter`` on the volume's
-            uint8 images; tests may pass a stand-in).
+        runner: ``(plan, options, on_progress, on_done) -> request`` (:func:`engine_runner`, :func:`local_runner`);
+            ``on_progress(done, total, message)``; ``on_done(request)`` with ``request.ok``/``result``/``error``.
         read_segment: ``() -> (K, J, I) bool`` current segment on the volume grid.
         show_preview: ``((K, J, I) mask or None) -> None``.
         write_segment: ``((K, J, I) mask) -> None``: one undoable "set segment" modification.
     """
 
-    def __init__(self, segmenter_factory: Callable[[int], object], read_segment: Callable[[], np.ndarray],
+    def __init__(self, runner, read_segment: Callable[[], np.ndarray],
                  show_preview: Callable[[Optional[np.ndarray]], None],
                  write_segment: Callable[[np.ndarray], None]) -> None:
-        self.segmenter_factory = segmenter_factory
+        self.runner = runner
         self.read_segment = read_segment
         self.show_preview = show_preview
         self.write_segment = write_segment
@@ -79,7 +151,9 @@ class PropagationSession:
         self.last_options: Optional[PropagationOptions] = None
         self.result = None           # computed, not yet applied
         self.result_options: Optional[PropagationOptions] = None
+        self.request = None          # the run in progress
         self.message = ""
+        self._run = 0                # numbers the runs; only the newest one's answer counts
 
     # planning (GUI thread: reads MRML) ------------------------------------------------------------
     def plan(self, options: Optional[PropagationOptions] = None, force_full: bool = False) -> PropagationPlan:
@@ -101,28 +175,33 @@ class PropagationSession:
             raise ValueError("the selected segment is empty: draw or prompt it on at least one slice first")
         return PropagationPlan("full", seeds)
 
-    # computation (worker thread: no MRML) ----------------------------------------------------------
-    def compute(self, plan: PropagationPlan, progress: Optional[Callable[[int, int, int], None]] = None,
-                cancel: Optional[Callable[[], bool]] = None):
-        """Run the plan with the engine; returns the ``PropagationResult`` (also kept as :attr:`result`).
-        Raises ``PropagationCancelled`` when cancelled; nothing is shown or written here."""
-        from RobustMedSAMLib.propagation import propagate, repropagate
+    # running -------------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.request is not None and not self.request.finished
 
-        options = self.options
-        segmenter = self.segmenter_factory(options.axis)
-        if plan.mode == "full":
-            result = propagate(segmenter, plan.seeds, progress=progress, cancel=cancel, **options.engine_kwargs())
-        else:
-            result = plan.previous
-            kwargs = options.engine_kwargs()
-            if kwargs["slice_range"] is None:
-                kwargs["slice_range"] = (0, segmenter.num_slices - 1)
-            for index in plan.changed:
-                result = repropagate(segmenter, result, index, plan.seeds[index], progress=progress, cancel=cancel,
-                                     **kwargs)
-        self.result, self.result_options = result, options
-        return result
+    def start(self, plan: PropagationPlan, on_progress=None, on_done=None):
+        """Run ``plan`` (any earlier run and unapplied result are dropped); ``on_done(request)`` is called
+        when it ends, unless it was cancelled or superseded before; nothing is shown or written here."""
+        self.cancel()
+        self._run += 1
+        run, options = self._run, self.options
 
+        def done(request) -> None:
+            if run != self._run:
+                return  # cancelled or superseded: the answer is dropped
+            self.request = None
+            if request.ok:
+                self.result, self.result_options = request.result, options
+            if on_done is not None:
+                on_done(request)
+
+        request = self.runner(plan, options, on_progress, done)
+        if run == self._run and not request.finished:
+            self.request = request
+        return request
+
+    # preview / apply / cancel (GUI thread) -------------------------------------------------------
     # preview / apply / cancel (GUI thread) -------------------------------------------------------
     def full_mask(self, result=None) -> np.ndarray:
         result = result if result is not None else self.result
@@ -143,7 +222,11 @@ class PropagationSession:
         return True
 
     def cancel(self) -> None:
-        """Drop a computed result and its preview; the segment is untouched."""
+        """Stop a run in progress, drop a computed result and its preview; the segment is untouched."""
+        self._run += 1
+        if self.request is not None:
+            self.request.cancel()
+            self.request = None
         self.result = None
         self.show_preview(None)
 
@@ -152,10 +235,10 @@ class PropagationSession:
         return [] if res is None else res.report()
 
 
-def bind_session(segmentation_node, segment_id: str, volume_node, segmenter_factory, writer, preview):
+def bind_session(segmentation_node, segment_id: str, volume_node, runner, writer, preview):
     """A :class:`PropagationSession` wired to MRML: reads the segment with :func:`volumes.segment_mask`,
     previews in ``preview`` (:class:`~.segments.PreviewSegmentation`), writes with ``writer``
-    (:class:`~.segments.SegmentWriter`)."""
+    (:class:`~.segments.SegmentWriter`); ``runner``: :func:`engine_runner` or :func:`local_runner`."""
     shape = volumes.shape_of(volume_node)
 
     def color():
@@ -169,7 +252,7 @@ def bind_session(segmentation_node, segment_id: str, volume_node, segmenter_fact
             preview.show(mask, color())
 
     return PropagationSession(
-        segmenter_factory,
+        runner,
         lambda: volumes.segment_mask(segmentation_node, segment_id, volume_node),
         show,
         lambda mask: writer.set_segment(segment_id, mask.reshape(shape)))

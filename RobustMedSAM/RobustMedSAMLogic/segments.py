@@ -387,6 +387,12 @@ class SegmentWriter:
     def undo(self) -> bool:
         return self.access.undo()
 
+    def close(self) -> None:
+        """Release the access (its private segment editor node and undo states)."""
+        close = getattr(self.access, "close", None)
+        if close is not None:
+            close()
+
 
 # ------------------------------------------------------------------------------------------ preview
 class PreviewSegmentation:

@@ -128,14 +128,18 @@ def run(args: argparse.Namespace, scene=None, loaded=None) -> int:
         choice = ModelChoice(args.model or CUSTOM_CHECKPOINT, args.checkpoint, args.device)
     else:
         choice = ModelChoice(args.model or "robustmedsam", "", args.device)
-    engine = EngineSession(choice, loaded=loaded)
+    engine = EngineSession(choice, loaded=loaded, in_process=True)  # batch mode: the engine in this process
     if loaded is None:
-        progress = None
+        bar = None
         if not args.quiet:
             from RobustMedSAMLib.progress import TextProgressBar
 
-            progress = TextProgressBar("downloading weights")
-        engine.load(progress=progress, allow_download=not args.offline)
+            bar = TextProgressBar("downloading weights")
+        on_progress = None if bar is None else (
+            lambda r: bar(int(r.done), int(r.total) if r.total else None) if "download" in r.message else None)
+        engine.wait(engine.load(allow_download=not args.offline, on_progress=on_progress)).value()
+        if bar is not None:
+            bar.close()
     logic = RobustMedSAMBridgeLogic(scene, engine)
 
     def report(done, total, message):

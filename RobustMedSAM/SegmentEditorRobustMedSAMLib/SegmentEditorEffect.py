@@ -1,13 +1,15 @@
 """Segment Editor effect "RobustMedSAM": prompt-based 2D segmentation on the slice under the mouse.
 
 Thin Qt/VTK glue: every decision is made by the GUI-free classes of ``RobustMedSAMLogic.interaction``
-(view XY -> voxel slice prompt, drag -> box, prompt list, preview/apply/cancel) and the edits go through
-``scriptedEffect.saveStateForUndo()`` / ``modifySegmentByLabelmap`` (``RobustMedSAMLogic.segments``), so
-they are undoable with the Segment Editor's Undo and respect its masking settings.
+(events -> actions, view XY -> voxel slice prompt, drag -> box, prompt list, preview/apply/cancel) and the
+edits go through ``scriptedEffect.saveStateForUndo()`` / ``modifySegmentByLabelmap``
+(``RobustMedSAMLogic.segments``), so they are undoable with the Segment Editor's Undo and respect its
+masking settings. Predictions come from the engine process (``RobustMedSAMLogic.engine``): a click sends a
+request and returns; the preview appears when the answer arrives, so the GUI never waits.
 
 Mouse: left click = positive point, Ctrl+left click or right click = negative point, left drag = box,
-Shift+click = remove the nearest point. Keys: Enter = Apply, Escape = Cancel, Backspace = undo last prompt,
-N = next candidate mask.
+Shift+click = remove the nearest point (a double click gives two points). Keys: Enter = Apply, Backspace =
+undo last prompt, N = next candidate mask (Esc is Slicer's: it leaves the effect, dropping the prompts).
 """
 import logging
 import os
@@ -32,10 +34,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.session = None
         self.preview = None
         self.writer = None
-        self.drags = {}        # view widget -> DragTracker
+        self.router = None     # RobustMedSAMLogic.interaction.EventRouter
         self.actors = {}       # view widget -> (rubber band actor, points, prompt glyph actors)
-        self.loadTask = None
-        self.timer = None
+        self.loadRequest = None
+        self.active = False
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -52,8 +54,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return ("<html>Segment the selected segment on a slice from prompts (RobustMedSAM: robust to noise, blur "
                 "and motion).<p><b>Left click</b>: object point. <b>Ctrl+click</b> or <b>right click</b>: background "
                 "point. <b>Left drag</b>: box. <b>Shift+click</b>: remove a point. The preview updates after each "
-                "prompt; <b>Apply</b> (Enter) replaces the segment on that slice (undoable), <b>Cancel</b> (Esc) "
-                "drops it.<p>Works in any slice view: the volume's voxel axis closest to the view is segmented; "
+                "prompt; <b>Apply</b> (Enter) replaces the segment on that slice (undoable), <b>Cancel</b> "
+                "drops it. <b>Backspace</b> undoes the last prompt, <b>N</b> shows the next candidate mask."
+                "<p>Works in any slice view: the volume's voxel axis closest to the view is segmented; "
                 "views tilted more than 20 degrees from it are refused. Then use <b>RobustMedSAM Propagate</b> to "
                 "extend the segment through the volume.</html>")
 
@@ -112,84 +115,93 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     # lifecycle ---------------------------------------------------------------------------------------
     def activate(self):
+        from RobustMedSAMLogic.interaction import EventRouter
+
+        self.active = True
+        self.router = EventRouter()
         self._resetSession()
         self._startModelLoad()
         for viewWidget in self._sliceWidgets():
             self._prefetchView(viewWidget)
 
     def deactivate(self):
+        self.active = False
         if self.session is not None:
-            self.session.cancel()
+            self.session.cancel()  # an answer still on its way is ignored
         self._removePreview()
         for viewWidget in list(self.actors):
             self._removeActors(viewWidget)
-        self.drags = {}
+        if self.router is not None:
+            self.router.reset()
 
     def cleanup(self):
         self.deactivate()
-        if self.timer is not None:
-            self.timer.stop()
+        self.session = None
 
     def sourceVolumeNodeChanged(self):
-        self._resetSession()
+        if self.active:  # notifications reach inactive effects too
+            self._resetSession()
 
     def referenceGeometryChanged(self):
-        self._resetSession()
+        if self.active:
+            self._resetSession()
 
     # engine ------------------------------------------------------------------------------------------
     def _engine(self):
+        """The shared engine session configured from the module's settings (never waits)."""
         from RobustMedSAMLogic.logic import RobustMedSAMBridgeLogic
+        from RobustMedSAMLogic.pump import ensure_pump
 
-        return RobustMedSAMBridgeLogic(slicer.mrmlScene).engineSession()
+        engine = RobustMedSAMBridgeLogic(slicer.mrmlScene).engineSession()
+        ensure_pump(engine)
+        return engine
 
     def _startModelLoad(self, userRequested=False):
-        """Load the model in the background (no popup). Weights are downloaded only when the user asks
+        """Load the model in the engine process (no popup). Weights are downloaded only when the user asks
         (this button or the module's), with progress; on activation only cached weights are loaded."""
         try:
             from RobustMedSAMLogic.engine import CUSTOM_CHECKPOINT, weights_status
-            from RobustMedSAMLogic.tasks import BackgroundTask
             engine = self._engine()
-        except ImportError as e:
+        except Exception as e:  # engine package missing or broken: a message, not a traceback
             self._status(f"RobustMedSAM needs its Python packages: open the RobustMedSAM module and click "
                          f"'Install dependencies' ({e}).")
             return
-        if engine.is_loaded or (self.loadTask is not None and self.loadTask.running):
+        if self.loadRequest is not None and not self.loadRequest.finished:
+            return
+        if engine.is_loaded and not userRequested:
+            self._status(engine.describe())
             return
         choice = engine.choice
         if not userRequested and choice.model != CUSTOM_CHECKPOINT and not choice.checkpoint:
-            cached, _, text = weights_status(choice.model)
+            try:
+                cached, _, text = weights_status(choice.model)
+            except Exception as e:
+                self._status(str(e))
+                return
             if not cached:
                 self._status(f"Model weights {text}. Click 'Download / load model'.")
                 return
-        self.loadTask = BackgroundTask(lambda t: engine.load(progress=lambda d, n=None: t.progress(d, n, "downloading"),
-                                                             cancel=t.cancelled), "RobustMedSAM model").start()
-        self._status("loading the model...")
-        self._startTimer()
 
-    def _startTimer(self):
-        if self.timer is None:
-            self.timer = qt.QTimer()
-            self.timer.setInterval(200)
-            self.timer.connect("timeout()", self._poll)
-        self.timer.start()
+        def progress(request):
+            frac = request.fraction
+            self._status(f"{request.message}: {frac * 100:.0f}%" if frac is not None else f"{request.message}...")
 
-    def _poll(self):
-        if self.loadTask is None:
-            self.timer.stop()
-            return
-        state = self.loadTask.poll()
-        if not state.finished:
-            frac = state.fraction
-            self._status(f"{state.message}: {frac * 100:.0f}%" if frac is not None else "loading the model...")
-            return
-        self.timer.stop()
-        self.loadTask = None
-        if state.status == "done":
-            self._status(self._engine().describe())
-            for viewWidget in self._sliceWidgets():
-                self._prefetchView(viewWidget)
-        else:
-            self._status(f"The model could not be loaded: {state.message}")
+        def done(request):
+            self.loadRequest = None
+            if not self.active:
+                return
+            if request.ok:
+                self._status(engine.describe())
+                for viewWidget in self._sliceWidgets():
+                    self._prefetchView(viewWidget)
+            elif request.status in ("cancelled", "dropped"):
+                self._status("Loading the model was cancelled.")
+            else:
+                logging.error(getattr(request.error, "details", "") or str(request.error))
+                self._status(f"The model could not be loaded: {request.error}")
+
+        self.loadRequest = engine.load(allow_download=True, on_progress=progress, on_done=done)
+        self._status("starting the engine and loading the model...")
 
     # session ------------------------------------------------------------------------------------------
     def _resetSession(self):
@@ -204,17 +216,28 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if psn is None or psn.GetSegmentationNode() is None or psn.GetSourceVolumeNode() is None:
             return
         segNode, volumeNode = psn.GetSegmentationNode(), psn.GetSourceVolumeNode()
-        self.writer = segments.SegmentWriter(segments.EffectAccess(self.scriptedEffect, segNode), segNode, volumeNode)
+        try:
+            self.writer = segments.SegmentWriter(segments.EffectAccess(self.scriptedEffect, segNode), segNode, volumeNode)
+        except Exception as e:  # e.g. a segmentation stored as closed surfaces: say what to do
+            self._status(str(e))
+            return
         self.preview = segments.PreviewSegmentation(slicer.mrmlScene, volumeNode, segNode)
         shape = volumes.shape_of(volumeNode)
 
-        def predict(axis, index, prompt, multimask):
-            if not self._engine().is_loaded:
-                raise RuntimeError("the model is not loaded yet: click 'Download / load model' and wait for it")
-            with slicer.util.WaitCursor():
-                return self._engine().segmenter(volumeNode, axis, self._intensity()).predict_slice(index, prompt, multimask)
+        def predict(axis, index, prompt, multimask, reply):
+            engine = self._engine()
+
+            def done(request):
+                if request.ok:
+                    reply(request.result)
+                else:
+                    reply(error=request.error)
+
+            engine.predict(volumeNode, axis, index, prompt, multimask, self._intensity(), on_done=done)
 
         def show(axis, index, mask):
+            if not self.active:
+                return
             if mask is None:
                 self.preview.remove()
             else:
@@ -226,14 +249,18 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             segmentID = psn.GetSelectedSegmentID()
             if not segmentID:
                 raise ValueError("select a segment first")
+            self.scriptedEffect.confirmCurrentSegmentVisible()
             self.writer.replace_slice(segmentID, axis, index, mask)
 
         def prefetch(axis, index):
-            engine = self._engine()
-            if engine.is_loaded:
-                engine.segmenter(volumeNode, axis, self._intensity()).prefetch(index)
+            self._engine().prefetch(volumeNode, axis, index, self._intensity())
 
         self.session = PromptSession(predict, show, write, prefetch, self.scriptedEffect.parameter("Multimask") or "auto")
+        self.session.on_change = self._afterAnswer
+
+    def _afterAnswer(self):
+        self._updateButtons()
+        self._updatePromptActors()
 
     def _intensity(self):
         from RobustMedSAMLogic.logic import RobustMedSAMBridgeLogic
@@ -275,6 +302,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.undoPromptButton.enabled = bool(s and s.prompts is not None and not s.prompts.empty)
         if s is not None and s.state == "error":
             self._status(s.message)
+        elif s is not None and s.state == "pending":
+            self._status("predicting...")
         elif s is not None and s.score is not None:
             self._status(f"Preview on slice {s.prompts.index} ({'kji'[s.prompts.axis]}): predicted IoU {s.score:.2f}"
                          + (f", mask {s.selected + 1} of {s.candidates}" if s.candidates > 1 else ""))
@@ -325,44 +354,42 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self._prefetchView(viewWidget)
             self._updatePromptActors()
 
-    def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
-        from RobustMedSAMLogic.interaction import DragTracker
+    EVENTS = {vtk.vtkCommand.LeftButtonPressEvent: "press", vtk.vtkCommand.LeftButtonReleaseEvent: "release",
+              vtk.vtkCommand.MouseMoveEvent: "move", vtk.vtkCommand.RightButtonPressEvent: "right_press",
+              vtk.vtkCommand.KeyPressEvent: "key"}
+    if hasattr(vtk.vtkCommand, "LeftButtonDoubleClickEvent"):
+        EVENTS[vtk.vtkCommand.LeftButtonDoubleClickEvent] = "double_click"
 
-        if viewWidget.className() != "qMRMLSliceWidget" or self.session is None:
+    def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
+        if viewWidget.className() != "qMRMLSliceWidget" or self.session is None or self.router is None:
             return False
-        xy = callerInteractor.GetEventPosition()
-        drag = self.drags.setdefault(viewWidget, DragTracker())
-        if eventId == vtk.vtkCommand.KeyPressEvent:
-            key = callerInteractor.GetKeySym()
-            actions = {"Return": self.onApply, "KP_Enter": self.onApply, "Escape": self.onCancel,
-                       "BackSpace": lambda: self._run(lambda s: s.undo_last()),
-                       "n": lambda: self._run(lambda s: s.next_candidate())}
-            if key in actions:
-                actions[key]()
-                return True
+        kind = self.EVENTS.get(eventId)
+        if kind is None:
             return False
-        if eventId == vtk.vtkCommand.LeftButtonPressEvent:
-            drag.press(xy, modifier=callerInteractor.GetControlKey())
-            self._shift = callerInteractor.GetShiftKey()
-            return True
-        if eventId == vtk.vtkCommand.MouseMoveEvent and drag.active:
-            if drag.move(xy):
-                self._showRubberBand(viewWidget, drag.rectangle)
-            return True
-        if eventId == vtk.vtkCommand.RightButtonPressEvent:
-            return self._prompt(viewWidget, lambda m: self.session.add_point(m.xy_to_position(xy), m.slice_shape, False))
-        if eventId == vtk.vtkCommand.LeftButtonReleaseEvent and drag.active:
-            negative = drag.modifier
-            kind, start, end = drag.release(xy)
-            self._showRubberBand(viewWidget, None)
-            if kind == "drag":
-                return self._prompt(viewWidget, lambda m: self.session.set_box(
-                    m.xy_to_position(start, clamp=True), m.xy_to_position(end, clamp=True), m.slice_shape))
-            if getattr(self, "_shift", False):
-                return self._prompt(viewWidget, lambda m: self.session.remove_point(m.xy_to_position(start)))
-            return self._prompt(viewWidget, lambda m: self.session.add_point(m.xy_to_position(start), m.slice_shape,
-                                                                              not negative))
-        return False
+        consumed, actions = self.router.handle(
+            viewWidget, kind, callerInteractor.GetEventPosition(), control=bool(callerInteractor.GetControlKey()),
+            shift=bool(callerInteractor.GetShiftKey()), key=callerInteractor.GetKeySym() if kind == "key" else "")
+        for action in actions:
+            self._perform(viewWidget, action)
+        return consumed
+
+    def _perform(self, viewWidget, action):
+        if action.kind == "band":
+            self._showRubberBand(viewWidget, action.rect)
+        elif action.kind == "point":
+            self._prompt(viewWidget, lambda m: self.session.add_point(m.xy_to_position(action.xy), m.slice_shape,
+                                                                      action.positive))
+        elif action.kind == "box":
+            self._prompt(viewWidget, lambda m: self.session.set_box(
+                m.xy_to_position(action.xy, clamp=True), m.xy_to_position(action.end, clamp=True), m.slice_shape))
+        elif action.kind == "remove":
+            self._prompt(viewWidget, lambda m: self.session.remove_point(m.xy_to_position(action.xy)))
+        elif action.kind == "apply":
+            self.onApply()
+        elif action.kind == "undo":
+            self._run(lambda s: s.undo_last())
+        elif action.kind == "next":
+            self._run(lambda s: s.next_candidate())
 
     def _prompt(self, viewWidget, action):
         from RobustMedSAMLogic.interaction import InteractionError

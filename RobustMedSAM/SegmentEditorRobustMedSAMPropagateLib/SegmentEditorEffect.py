@@ -1,11 +1,12 @@
 """Segment Editor effect "RobustMedSAM Propagate": extends the selected segment from its annotated slices
 through the volume (IoU-stopped propagation of the RobustMedSAM engine).
 
-Thin Qt glue around ``RobustMedSAMLogic.propagation.PropagationSession``: the run happens in a background
-thread (progress bar, Cancel), the result is previewed in a separate node, and Apply writes it as one
-undoable modification through ``scriptedEffect.modifySegmentByLabelmap`` (masking settings respected).
-After a correction on a slice, Propagate again recomputes only what depends on the corrected slice.
-A cancelled or failed run never touches the segmentation.
+Thin Qt glue around ``RobustMedSAMLogic.propagation.PropagationSession``: the run happens in the engine
+process (progress bar, Cancel; the GUI never waits), the result is previewed in a separate node, and Apply
+writes it as one undoable modification through ``scriptedEffect.modifySegmentByLabelmap`` (masking
+settings respected). After a correction on a slice, Propagate again recomputes only what depends on the
+corrected slice. A cancelled or failed run never touches the segmentation; an answer that arrives after
+Cancel or after leaving the effect is dropped.
 """
 import logging
 import os
@@ -29,11 +30,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         scriptedEffect.perSegment = False
         scriptedEffect.requireSegments = True
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
-        self.sessions = {}     # (segmentation ID, segment ID, volume ID) -> PropagationSession
+        self.sessions = {}     # (id(segmentation node), segment ID, id(volume node)) -> (nodes, session)
         self.session = None
         self.preview = None
-        self.task = None
-        self.timer = None
+        self.active = False
+        self._sceneObserver = None
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -142,13 +143,42 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameter("LastSlice", self.lastSpin.value)
 
     # lifecycle ---------------------------------------------------------------------------------------
+    def activate(self):
+        self.active = True
+        if self._sceneObserver is None:
+            self._sceneObserver = slicer.mrmlScene.AddObserver(slicer.mrmlScene.StartCloseEvent, self._onSceneClose)
+
     def deactivate(self):
+        self.active = False
         self.onCancel()
 
     def cleanup(self):
-        self.onCancel()
-        if self.timer is not None:
-            self.timer.stop()
+        self.deactivate()
+        if self._sceneObserver is not None:
+            slicer.mrmlScene.RemoveObserver(self._sceneObserver)
+            self._sceneObserver = None
+        self._forgetSessions()
+
+    def sourceVolumeNodeChanged(self):
+        self._forgetSessions()
+
+    def referenceGeometryChanged(self):
+        self._forgetSessions()
+
+    def _onSceneClose(self, caller=None, event=None):
+        self._forgetSessions()
+
+    def _forgetSessions(self):
+        """Drop every session: after a scene close node IDs are reused, and a session made on another
+        volume or geometry would read and write the wrong grid."""
+        for _, session in self.sessions.values():
+            session.cancel()
+        self.sessions = {}
+        self.session = None
+        if self.preview is not None:
+            self.preview.remove()
+            self.preview = None
+        self._updateButtons()
 
     # session -----------------------------------------------------------------------------------------
     def _nodes(self):
@@ -162,23 +192,35 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
         return RobustMedSAMBridgeLogic(slicer.mrmlScene)
 
+    def _engine(self):
+        from RobustMedSAMLogic.pump import ensure_pump
+
+        engine = self._logic().engineSession()
+        ensure_pump(engine)
+        return engine
+
     def _session(self):
         from RobustMedSAMLogic import segments
-        from RobustMedSAMLogic.propagation import bind_session
+        from RobustMedSAMLogic.propagation import bind_session, engine_runner
 
         segNode, segmentID, volumeNode = self._nodes()
         if segNode is None or not segmentID or volumeNode is None:
             raise ValueError("select a segmentation, a segment and a source volume")
-        key = (segNode.GetID(), segmentID, volumeNode.GetID())
-        if key not in self.sessions:
-            logic = self._logic()
-            intensity = logic.settings().intensity
+        key = (id(segNode), segmentID, id(volumeNode))
+        entry = self.sessions.get(key)
+        if entry is not None and (entry[0][0] is not segNode or entry[0][1] is not volumeNode
+                                  or segNode.GetScene() is None):
+            entry = None  # another node now has that identity
+        if entry is None:
             writer = segments.SegmentWriter(segments.EffectAccess(self.scriptedEffect, segNode), segNode, volumeNode)
+            if self.preview is not None:
+                self.preview.remove()
             self.preview = segments.PreviewSegmentation(slicer.mrmlScene, volumeNode, segNode)
-            self.sessions[key] = bind_session(segNode, segmentID, volumeNode,
-                                              lambda axis: logic.engineSession().segmenter(volumeNode, axis, intensity),
-                                              writer, self.preview)
-        return self.sessions[key]
+            intensity = self._logic().settings().intensity
+            session = bind_session(segNode, segmentID, volumeNode, engine_runner(self._engine(), volumeNode, intensity),
+                                   writer, self.preview)
+            entry = self.sessions[key] = ((segNode, volumeNode), session)
+        return entry[1]
 
     def _options(self, volumeNode):
         from RobustMedSAMLogic import volumes
@@ -192,81 +234,71 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             sliceRange = (max(0, first), min(n - 1, last))
         return PropagationOptions(axis, self.thresholdSlider.value, self.projectionCombo.currentText, 0.025, sliceRange)
 
-    def onPropagate(self):
-        from RobustMedSAMLogic.tasks import BackgroundTask
+    @property
+    def running(self):
+        return self.session is not None and self.session.running
 
-        if self.task is not None and self.task.running:
+    def onPropagate(self):
+        if self.running:
             return
         try:
             self.session = self._session()
-            self.session.cancel()
             _, _, volumeNode = self._nodes()
             plan = self.session.plan(self._options(volumeNode), force_full=self.fullRunCheck.checked)
-            engine = self._logic().engineSession()
-            engine.images(volumeNode, self._logic().settings().intensity)  # MRML read in the GUI thread
+            engine = self._engine()
+            if not engine.is_loaded:
+                engine.load(allow_download=False)  # cached weights only; the module's button downloads
         except Exception as e:
             self._status(str(e))
             return
         session = self.session
 
-        def work(task):
-            engine.load(progress=lambda d, n=None: task.progress(0, None, "downloading the model"), cancel=task.cancelled)
-            return session.compute(plan, progress=lambda done, total, index: task.progress(done, total, f"slice {index}"),
-                                   cancel=task.cancelled)
+        def progress(done, total, message):
+            if total:
+                self.progressBar.maximum = int(total)
+                self.progressBar.value = int(done)
+            self._status(message)
 
-        self.task = BackgroundTask(work, "RobustMedSAM propagation").start()
-        self.progressBar.visible = True
+        def done(request):
+            self.progressBar.visible = False
+            if not self.active or session is not self.session:
+                return
+            if request.ok:
+                session.preview()
+                res = session.result
+                self._status(f"preview: slices {res.z_range[0]}..{res.z_range[1]}; stopped below: "
+                             f"{res.stops['lower'].reason}, above: {res.stops['upper'].reason}. Apply to keep it.")
+            elif request.status in ("cancelled", "dropped"):
+                self._status("cancelled; the segmentation is unchanged")
+            else:
+                logging.error(getattr(request.error, "details", "") or str(request.error))
+                self._status(f"propagation failed, the segmentation is unchanged: {request.error}")
+            self._updateButtons()
+
+        session.start(plan, progress, done)
+        self.progressBar.visible = session.running
         self.progressBar.value = 0
         what = "correction on slices " + ", ".join(map(str, plan.changed)) if plan.mode == "repropagate" else \
             f"{len(plan.seeds)} annotated slice(s)"
-        self._status(f"propagating from {what}...")
-        if self.timer is None:
-            self.timer = qt.QTimer()
-            self.timer.setInterval(150)
-            self.timer.connect("timeout()", self._poll)
-        self.timer.start()
-        self._updateButtons()
-
-    def _poll(self):
-        if self.task is None:
-            self.timer.stop()
-            return
-        state = self.task.poll()
-        if not state.finished:
-            if state.total:
-                self.progressBar.maximum = int(state.total)
-                self.progressBar.value = int(state.done)
-            self._status(state.message)
-            return
-        self.timer.stop()
-        self.task = None
-        self.progressBar.visible = False
-        if state.status == "done":
-            self.session.preview()
-            res = self.session.result
-            self._status(f"preview: slices {res.z_range[0]}..{res.z_range[1]}; stopped below: "
-                         f"{res.stops['lower'].reason}, above: {res.stops['upper'].reason}. Apply to keep it.")
-        elif state.status == "cancelled":
-            self.session.cancel()
-            self._status("cancelled; the segmentation is unchanged")
-        else:
-            self.session.cancel()
-            logging.error(state.details)
-            self._status(f"propagation failed, the segmentation is unchanged: {state.message}")
+        if session.running:
+            self._status(f"propagating from {what}...")
         self._updateButtons()
 
     def onCancel(self):
-        if self.task is not None and self.task.running:
-            self.task.cancel()
-            return
         if self.session is not None:
+            wasRunning = self.session.running
             self.session.cancel()
+            if wasRunning:
+                self._status("cancelled; the segmentation is unchanged")
+        if hasattr(self, "progressBar"):
+            self.progressBar.visible = False
         self._updateButtons()
 
     def onApply(self):
         if self.session is None or self.session.result is None:
             return
         try:
+            self.scriptedEffect.confirmCurrentSegmentVisible()
             self.session.apply()
             self._status("applied (Undo reverts the whole propagation)")
         except Exception as e:
@@ -288,7 +320,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def _updateButtons(self):
         if not hasattr(self, "applyButton"):
             return
-        running = self.task is not None and self.task.running
+        running = self.running
         self.propagateButton.enabled = not running
         self.applyButton.enabled = bool(not running and self.session and self.session.result is not None)
         self.cancelButton.enabled = bool(running or (self.session and self.session.result is not None))

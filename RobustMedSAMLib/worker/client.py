@@ -1,0 +1,473 @@
+"""Talking to the engine worker without ever waiting for it (numpy only; torch is never imported here).
+
+:class:`WorkerClient` starts ``python -m RobustMedSAMLib.worker`` (Slicer passes its ``PythonSlicer``),
+sends requests down the worker's standard input and reads frames from its standard output. :meth:`poll`
+never blocks: it writes what the pipe takes, reads what has arrived (within a time budget) and calls the
+requests' callbacks; the Slicer side calls it from a Qt timer while requests are pending. :meth:`wait` is the
+blocking form for scripts and tests. When the worker dies (killed, out of memory, crashed), every pending
+request fails with :class:`WorkerDied`, naming the exit code and the last lines of the worker's log; the
+next request starts a fresh worker (:attr:`generation` counts the starts).
+
+:class:`InProcessClient` has the same interface and runs the same :class:`~.service.EngineService` handlers
+in the calling thread (batch mode, tests); requests still travel through the wire codec, so what works here
+is what the worker can carry.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
+
+from .protocol import FrameReader, decode_body, encode_frame, frame_bytes
+
+PENDING, OK, ERROR, CANCELLED, DROPPED = "pending", "ok", "error", "cancelled", "dropped"
+ENGINE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding the RobustMedSAMLib package
+
+
+class EngineError(RuntimeError):
+    """A request failed in the engine. ``kind`` is the engine's exception type, ``details`` its traceback."""
+
+    def __init__(self, message: str, kind: str = "EngineError", details: str = "") -> None:
+        super().__init__(message)
+        self.kind, self.details = kind, details
+
+
+class WorkerDied(EngineError):
+    """The worker process ended while requests were pending; the next request starts a new one."""
+
+
+class RequestCancelled(EngineError):
+    """The request was cancelled (or, for a prefetch, superseded by a newer one)."""
+
+
+class Request:
+    """One request. ``status`` is pending until the reply; ``done``/``total``/``message`` follow progress.
+
+    Callbacks (called from :meth:`WorkerClient.poll`, i.e. the GUI thread): ``on_progress(request)``,
+    ``on_done(request)`` once, whatever the outcome.
+    """
+
+    def __init__(self, client, rid: int, kind: str, fields: Dict[str, Any], on_progress=None, on_done=None) -> None:
+        self.client, self.id, self.kind, self.fields = client, rid, kind, fields
+        self.on_progress, self.on_done = on_progress, on_done
+        self.status = PENDING
+        self.result: Any = None
+        self.error: Optional[EngineError] = None
+        self.done, self.total, self.message = 0.0, None, ""
+        self.started_at = time.monotonic()
+
+    @property
+    def finished(self) -> bool:
+        return self.status != PENDING
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+    @property
+    def fraction(self) -> Optional[float]:
+        if not self.total:
+            return None
+        return max(0.0, min(1.0, self.done / self.total))
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request (no effect once finished)."""
+        if not self.finished:
+            self.client.cancel(self)
+
+    def value(self) -> Any:
+        """The result; raises the request's error (or :class:`RequestCancelled`)."""
+        if self.status == OK:
+            return self.result
+        if self.status == PENDING:
+            raise RuntimeError(f"request {self.kind!r} has not finished")
+        if getattr(self.error, "original", None) is not None:
+            raise self.error.original  # in-process: the engine's own exception
+        raise self.error or RequestCancelled(f"{self.kind} was {self.status}", self.status)
+
+    def __repr__(self) -> str:
+        return f"<Request {self.id} {self.kind} {self.status}>"
+
+    # -- called by the client ------------------------------------------------------------------------
+    def _progress(self, done, total, message) -> None:
+        self.done, self.total, self.message = done, total, message or self.message
+        if self.on_progress is not None:
+            _call(self.on_progress, self)
+
+    def _finish(self, status: str, result: Any = None, error: Optional[EngineError] = None) -> None:
+        if self.finished:
+            return
+        self.status, self.result, self.error = status, result, error
+        if status in (CANCELLED, DROPPED) and error is None:
+            self.error = RequestCancelled(f"{self.kind} was {status}", status)
+        if self.on_done is not None:
+            _call(self.on_done, self)
+
+
+def _call(callback, request: Request) -> None:
+    """Run a request's callback; a failing one is logged and does not stop the other replies."""
+    try:
+        callback(request)
+    except Exception:  # noqa: BLE001
+        logging.getLogger(__name__).exception("RobustMedSAM: the callback of %s failed", request)
+
+
+def _error_from(reply: Dict[str, Any]) -> EngineError:
+    e = reply.get("error") or {}
+    return EngineError(e.get("message", "the engine failed"), e.get("type", "EngineError"), e.get("traceback", ""))
+
+
+class _BaseClient:
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._pending: Dict[int, Request] = {}
+        self.generation = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def submit(self, kind: str, fields: Optional[Dict[str, Any]] = None, on_progress: Optional[Callable] = None,
+               on_done: Optional[Callable] = None) -> Request:
+        raise NotImplementedError
+
+    def call(self, kind: str, timeout: Optional[float] = None, **fields) -> Any:
+        """Submit, wait and return the result (raises the engine's error)."""
+        return self.wait(self.submit(kind, fields), timeout).value()
+
+    def wait(self, request: Request, timeout: Optional[float] = None) -> Request:
+        raise NotImplementedError
+
+    def _dispatch(self, message: Dict[str, Any]) -> None:
+        request = self._pending.get(message.get("id"))
+        if request is None:
+            return
+        if message.get("type") == "progress":
+            request._progress(message.get("done", 0.0), message.get("total"), message.get("message", ""))
+            return
+        del self._pending[request.id]
+        status = message.get("status")
+        if status == OK:
+            request._finish(OK, message.get("result"))
+        elif status in (CANCELLED, DROPPED):
+            request._finish(status)
+        else:
+            request._finish(ERROR, error=_error_from(message))
+
+
+# ------------------------------------------------------------------------------------------- pipes
+class _Pipe:
+    """Non-blocking reads of the worker's output and writes to its input (POSIX; Windows peeks the pipe)."""
+
+    def __init__(self, read_fd: int, write_fd: int) -> None:
+        self.read_fd, self.write_fd = read_fd, write_fd
+        self.windows = os.name == "nt"
+        if not self.windows:
+            os.set_blocking(read_fd, False)
+            os.set_blocking(write_fd, False)
+
+    def read(self, limit: int) -> Optional[bytes]:
+        """Up to ``limit`` bytes that have arrived; None when nothing is there, b"" at end of stream."""
+        if self.windows:
+            import _winapi
+            import msvcrt
+
+            try:
+                available = _winapi.PeekNamedPipe(msvcrt.get_osfhandle(self.read_fd), 0)[0]
+            except (BrokenPipeError, OSError):
+                return b""
+            if not available:
+                return None
+            return os.read(self.read_fd, min(available, limit))
+        try:
+            return os.read(self.read_fd, limit)
+        except BlockingIOError:
+            return None
+
+    def write(self, view: memoryview) -> int:
+        """Write what the pipe takes now; returns the number of bytes written (Windows: all, blocking)."""
+        if self.windows:
+            os.write(self.write_fd, view)
+            return len(view)
+        try:
+            return os.write(self.write_fd, view)
+        except BlockingIOError:
+            return 0
+
+    def wait_readable(self, timeout: float) -> None:
+        if self.windows:
+            time.sleep(min(timeout, 0.01))
+            return
+        import select
+
+        select.select([self.read_fd], [], [], timeout)
+
+
+class WorkerClient(_BaseClient):
+    """The engine in a child process (see the module docstring).
+
+    Arguments:
+        executable: the Python to run the worker with (default ``sys.executable``; in Slicer ``PythonSlicer``).
+        env: extra environment variables for the worker (``ENGINE_ROOT`` is put first on its PYTHONPATH).
+        log_dir: where the worker's stderr goes (``robustmedsam-worker-<n>.log``; default: a temp folder).
+    """
+
+    def __init__(self, executable: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+                 log_dir: Optional[os.PathLike] = None) -> None:
+        super().__init__()
+        self.executable = executable or sys.executable
+        self.extra_env = dict(env or {})
+        self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="robustmedsam-worker-"))
+        self.process: Optional[subprocess.Popen] = None
+        self.log_path: Optional[Path] = None
+        self._pipe: Optional[_Pipe] = None
+        self._reader = FrameReader()
+        self._outbox: Deque[memoryview] = deque()
+        self.exit_code: Optional[int] = None
+
+    # -- process -------------------------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.process.pid if self.process is not None else None
+
+    def start(self) -> None:
+        """Start the worker unless it runs (cheap: the worker imports torch in its own time)."""
+        if self.alive:
+            return
+        self._reset_process()
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        env["PYTHONPATH"] = os.pathsep.join([ENGINE_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.generation += 1
+        self.log_path = self.log_dir / f"robustmedsam-worker-{self.generation}.log"
+        flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen([self.executable, "-m", "RobustMedSAMLib.worker"], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, stderr=log, env=env, cwd=str(self.log_dir),
+                                            creationflags=flags, close_fds=True)
+        self._pipe = _Pipe(self.process.stdout.fileno(), self.process.stdin.fileno())
+        self.exit_code = None
+
+    def _reset_process(self) -> None:
+        self._reader = FrameReader()
+        self._outbox.clear()
+        if self.process is not None:
+            for stream in (self.process.stdin, self.process.stdout):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        self.process, self._pipe = None, None
+
+    def log_tail(self, lines: int = 12) -> str:
+        if self.log_path is None or not self.log_path.is_file():
+            return ""
+        text = self.log_path.read_bytes()[-20000:].decode("utf-8", "replace")
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    # -- requests ------------------------------------------------------------------------------------
+    def submit(self, kind: str, fields: Optional[Dict[str, Any]] = None, on_progress: Optional[Callable] = None,
+               on_done: Optional[Callable] = None) -> Request:
+        """Queue a request for the worker (starting it if needed); returns at once."""
+        self.start()
+        request = Request(self, next(self._ids), kind, dict(fields or {}), on_progress, on_done)
+        self._outbox.extend(encode_frame({"id": request.id, "kind": kind, "fields": request.fields}))
+        self._pending[request.id] = request
+        self._flush()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        if request.id in self._pending and self.alive:
+            self._outbox.extend(encode_frame({"id": 0, "kind": "cancel", "fields": {"target": request.id}}))
+            self._flush()
+
+    def _flush(self) -> None:
+        while self._outbox and self._pipe is not None:
+            head = self._outbox[0]
+            try:
+                n = self._pipe.write(head)
+            except (BrokenPipeError, OSError):
+                self._outbox.clear()  # the worker is gone; poll() reports it
+                return
+            if n == 0:
+                return
+            if n < len(head):
+                self._outbox[0] = head[n:]
+                return
+            self._outbox.popleft()
+
+    def poll(self, budget: float = 0.01, chunk: int = 1 << 20) -> int:
+        """Exchange what is ready without blocking (at most about ``budget`` seconds of reading), call the
+        callbacks of requests that progressed or finished; returns how many requests are pending."""
+        if self.process is None:
+            return self.pending
+        start = time.monotonic()
+        self._flush()
+        eof = False
+        while True:
+            data = self._pipe.read(chunk)
+            if data is None:
+                break
+            if data == b"":
+                eof = True
+                break
+            for message in self._reader.feed(data):
+                self._dispatch(message)
+            if time.monotonic() - start >= budget:
+                return self.pending
+        if eof or self.process.poll() is not None:
+            self._worker_ended()
+        return self.pending
+
+    def _worker_ended(self) -> None:
+        code = self.process.wait()
+        self.exit_code = code
+        pending = list(self._pending.values())
+        self._pending.clear()
+        self._reset_process()
+        if not pending:
+            return
+        why = {-9: "it was killed (SIGKILL; out of memory?)", -15: "it was terminated", -11: "it crashed (SIGSEGV)"}
+        reason = why.get(code, f"exit code {code}")
+        tail = self.log_tail()
+        message = (f"the RobustMedSAM engine process stopped ({reason}); nothing was changed, and the next action "
+                   f"starts it again." + (f"\nLast lines of its log ({self.log_path}):\n{tail}" if tail else ""))
+        for request in pending:
+            request._finish(ERROR, error=WorkerDied(message, "WorkerDied", tail))
+
+    def wait(self, request: Request, timeout: Optional[float] = None) -> Request:
+        """Block until ``request`` finishes (or ``timeout`` seconds pass: TimeoutError)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not request.finished:
+            self.poll(budget=0.05)
+            if request.finished:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{request.kind} did not finish within {timeout} s")
+            if self._pipe is not None and not self._outbox:
+                self._pipe.wait_readable(0.05)
+            else:
+                time.sleep(0.001)
+        return request
+
+    def unload(self, timeout: float = 30.0) -> bool:
+        """Ask the worker to exit (its memory goes back to the system); True once it has."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            if process is not None:
+                self.poll()
+            return True
+        try:
+            self.wait(self.submit("unload"), timeout)
+        except TimeoutError:
+            pass
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if self.process is process:
+            self.poll()  # collects the end of the stream
+        return True
+
+    def close(self) -> None:
+        """Stop the worker now (pending requests fail)."""
+        if self.alive:
+            self.process.kill()
+        if self.process is not None:
+            self.poll()
+
+
+class InProcessClient(_BaseClient):
+    """The :class:`WorkerClient` interface over an :class:`~.service.EngineService` in this process.
+
+    ``submit`` runs the request at once (in the calling thread; progress callbacks are called as it goes) but,
+    like the worker, calls ``on_done`` from :meth:`poll`/:meth:`wait` only. Fields and results pass through the wire codec (``roundtrip``).
+    """
+
+    def __init__(self, service=None, roundtrip: bool = True) -> None:
+        super().__init__()
+        if service is None:
+            from .service import EngineService
+
+            service = EngineService()
+        self.service = service
+        self.roundtrip = roundtrip
+        self.generation = 1
+        self._replies: Deque[Dict[str, Any]] = deque()
+
+    alive = True
+
+    def _through_wire(self, value):
+        if not self.roundtrip:
+            return value
+        data = frame_bytes(value)
+        header_length = int.from_bytes(data[4:12], "little")
+        return decode_body(bytearray(data[20:]), header_length)
+
+    def submit(self, kind, fields=None, on_progress=None, on_done=None) -> Request:
+        from .server import CANCELLATIONS
+        from .service import JobContext
+
+        request = Request(self, next(self._ids), kind, dict(fields or {}), on_progress, on_done)
+        self._pending[request.id] = request
+        ctx = JobContext(lambda d, t=None, m="": request._progress(float(d), t, m),  # live: same thread
+                         lambda: getattr(request, "_cancel_asked", False))
+        try:
+            result = self.service.handle(kind, self._through_wire(request.fields), ctx)
+            reply = {"type": "reply", "id": request.id, "status": OK, "result": result}
+        except Exception as exc:  # noqa: BLE001 - reported through the request, as the worker does
+            import traceback
+
+            status = CANCELLED if type(exc).__name__ in CANCELLATIONS else ERROR
+            reply = {"type": "reply", "id": request.id, "status": status,
+                     "error": {"type": type(exc).__name__, "message": str(exc) or type(exc).__name__,
+                               "traceback": traceback.format_exc()}}
+            request._original = exc
+        self._replies.append(self._through_wire(reply))
+        return request
+
+    def _dispatch(self, message: Dict[str, Any]) -> None:
+        request = self._pending.get(message.get("id"))
+        super()._dispatch(message)
+        if request is not None and request.error is not None and getattr(request, "_original", None) is not None:
+            request.error.original = request._original
+
+    def cancel(self, request: Request) -> None:
+        request._cancel_asked = True
+
+    def poll(self, budget: float = 0.01, chunk: int = 0) -> int:
+        while self._replies:
+            self._dispatch(self._replies.popleft())
+        return self.pending
+
+    def wait(self, request: Request, timeout: Optional[float] = None) -> Request:
+        self.poll()
+        return request
+
+    def unload(self, timeout: float = 0.0) -> bool:
+        self.service.close()
+        self.service.loaded = None
+        self.service.load_key = None
+        return True
+
+    def close(self) -> None:
+        self.poll()
+
+
+def wait_all(client, requests: Sequence[Request], timeout: Optional[float] = None) -> List[Request]:
+    """Wait for several requests of one client."""
+    return [client.wait(r, timeout) for r in requests]
