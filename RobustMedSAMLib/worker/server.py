@@ -10,7 +10,9 @@ Threads (in the worker; its GIL is its own): a reader thread parses frames as th
   scrolling through 50 slices queues at most one encode;
 * every other request runs in arrival order; ``cancel`` ends the target if it is running (its handler sees
   ``cancelled()``) or drops it if it is still queued;
-* ``unload`` replies and exits: the process ends and its memory goes back to the operating system.
+* ``unload`` replies and exits: the process ends and its memory goes back to the operating system;
+* ``journal`` is answered at once: the last 200 requests with their status and when (worker clock) each
+  was received, started and ended -- how long a click waited, and for what.
 
 Messages out: ``{"type": "progress", "id", "done", "total", "message"}`` (at most every 50 ms per request,
 and the last one always) and ``{"type": "reply", "id", "status": ok|error|cancelled|dropped, "result" |
@@ -40,6 +42,8 @@ class _Job:
         self.kind = message.get("kind", "")
         self.fields = message.get("fields") or {}
         self.cancelled = threading.Event()
+        self.record = {"id": self.id, "kind": self.kind, "status": "queued", "received": time.monotonic(),
+                       "started": None, "ended": None}
 
 
 class WorkerServer:
@@ -53,6 +57,7 @@ class WorkerServer:
         self._write_lock = threading.Lock()
         self._running: Optional[_Job] = None
         self._closing = False
+        self.journal: Deque[Dict[str, Any]] = deque(maxlen=200)
 
     # -- output --------------------------------------------------------------------------------------
     def send(self, message: Dict[str, Any]) -> None:
@@ -65,6 +70,7 @@ class WorkerServer:
                     view = view[n:]
 
     def reply(self, job: _Job, status: str, result: Any = None, error: Optional[dict] = None) -> None:
+        job.record["status"], job.record["ended"] = status, time.monotonic()
         message = {"type": "reply", "id": job.id, "kind": job.kind, "status": status}
         if status == "ok":
             message["result"] = result
@@ -107,6 +113,10 @@ class WorkerServer:
                     self.reply(job, "cancelled")
                 return
             job = _Job(message)
+            if kind == "journal":
+                self.reply(job, "ok", [dict(r) for r in self.journal])
+                return
+            self.journal.append(job.record)
             if kind == "prefetch":
                 for old in [j for j in self._queue if j.kind == "prefetch"]:
                     self._queue.remove(old)
@@ -130,6 +140,7 @@ class WorkerServer:
                 self.send({"type": "progress", "id": job.id, "done": float(done),
                            "total": None if total is None else float(total), "message": str(text)})
 
+        job.record["started"] = time.monotonic()
         if job.kind == "unload":
             self.reply(job, "ok", {"pid": os.getpid()})
             return False

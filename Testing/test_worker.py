@@ -1,0 +1,306 @@
+"""The engine worker process (``RobustMedSAMLib.worker``): the wire codec, request/reply round trips equal to
+in-process results bit for bit (tiny model), latest-wins prefetching, cancel, a killed worker, unload, and a
+client side that never imports torch."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from RobustMedSAMLib.prompt_files import ObjectPrompts
+from RobustMedSAMLib.prompts import Prediction, Prompt
+from RobustMedSAMLib.worker.client import EngineError, InProcessClient, WorkerClient, WorkerDied
+from RobustMedSAMLib.worker.connection import EngineConnection, ModelSpec
+from RobustMedSAMLib.worker.protocol import FrameReader, ProtocolError, frame_bytes
+from RobustMedSAMLib.worker.service import EngineService
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = (10, 40, 48)
+
+
+def ct_like(shape=SHAPE, seed=0):
+    """A CT-like int16 volume: noise around -100 HU and a bright ellipsoid that narrows towards its ends."""
+    rng = np.random.default_rng(seed)
+    k, j, i = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    blob = ((k - shape[0] / 2) / (shape[0] * 0.45)) ** 2 + ((j - 20) / 12) ** 2 + ((i - 24) / 15) ** 2 < 1
+    return (rng.normal(-100, 30, shape) + 400 * blob).astype(np.int16), blob
+
+
+def connection(client):
+    conn = EngineConnection(client, ModelSpec("tiny"))
+    conn.debounce = 0.0
+    conn.set_volume(ct_like()[0], np.diag([-0.8, -0.8, 2.5, 1.0]), key="ct")
+    return conn
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    conn = connection(WorkerClient(log_dir=tmp_path_factory.mktemp("worker")))
+    assert conn.wait(conn.load(), 120).ok
+    yield conn
+    conn.close()
+
+
+@pytest.fixture(scope="module")
+def local():
+    from RobustMedSAMLib.models import seeded_model
+
+    conn = connection(InProcessClient(EngineService(seeded_model("tiny", seed=0))))
+    assert conn.wait(conn.load()).ok
+    return conn
+
+
+# ------------------------------------------------------------------------------------------- codec
+def test_protocol_carries_every_type_and_refuses_the_rest():
+    from RobustMedSAMLib.propagation import PropagationResult, SliceRecord, StopReason
+
+    masks = np.zeros((3, 5, 7), bool)
+    masks[1, 1:4, 2:6] = True
+    result = PropagationResult(masks, {1: SliceRecord(1, "seed"), 2: SliceRecord(2, "extrapolated", 0.5, float("nan"), 1)},
+                               {"lower": StopReason("volume_bound", 0), "upper": StopReason("iou_below_threshold", 2, 0.1)},
+                               (1, 2), (1,), (), (2,), {"slice_range": (0, 2), "projection": {"use_box": True}})
+    message = {"id": 7, "kind": "x", "fields": {
+        "result": result, "prompt": Prompt(points=[[1.5, 2.0]], labels=[0], box=[0, 0, 4, 4]),
+        "objects": [ObjectPrompts("liver", (1.0, 0.5, 0.0), {3: Prompt(box=[1, 1, 3, 3])}, (2, 4))],
+        "big_endian": np.arange(6, dtype=">i4").reshape(2, 3), "strided": np.arange(20.0)[::3],
+        "empty": np.zeros((0, 4), np.float32), "scalar": np.float32(0.25), "pairs": [(1, masks[1])],
+        "$weird": 1, "nested": {"a": [None, True, 2, "x"]}}}
+    data = frame_bytes(message)
+    reader = FrameReader()
+    got = []
+    for n in range(0, len(data), 7):  # arrives in small pieces
+        got += reader.feed(data[n:n + 7])
+    assert len(got) == 1 and not reader.in_frame
+    out = got[0]["fields"]
+    r = out["result"]
+    np.testing.assert_array_equal(r.masks, masks)
+    assert r.masks.dtype == bool and r.slices[2].interslice_iou != r.slices[2].interslice_iou  # NaN kept
+    assert r.slices[2].from_index == 1 and r.stops["upper"] == StopReason("iou_below_threshold", 2, 0.1)
+    assert r.z_range == (1, 2) and r.options["slice_range"] == (0, 2)
+    np.testing.assert_array_equal(out["prompt"].labels, [0])
+    assert out["objects"][0].slices[3].box.tolist() == [1, 1, 3, 3] and out["objects"][0].slice_range == (2, 4)
+    assert out["big_endian"].tolist() == [[0, 1, 2], [3, 4, 5]] and out["strided"].tolist() == [0, 3, 6, 9, 12, 15, 18]
+    assert out["empty"].shape == (0, 4) and out["scalar"] == 0.25 and out["$weird"] == 1
+    assert out["pairs"][0][0] == 1 and out["pairs"][0][1].tolist() == masks[1].tolist()
+    # two frames in one read, and one frame split anywhere
+    assert len(FrameReader().feed(data + data)) == 2
+    with pytest.raises(ProtocolError, match="cannot be sent"):
+        frame_bytes({"f": object()})
+    with pytest.raises(ProtocolError, match="cannot be sent"):
+        frame_bytes({"f": np.array(["text"])})
+    with pytest.raises(ProtocolError, match="corrupt"):
+        FrameReader().feed(b"XXXX" + data[4:])
+    forged = data.replace(b'"PropagationResult"', b'"os.system"  \x20\x20\x20\x20\x20\x20')
+    with pytest.raises(ProtocolError):
+        FrameReader().feed(forged)
+
+
+# ------------------------------------------------------------------------------------ round trips
+def _same_prediction(a: Prediction, b: Prediction):
+    np.testing.assert_array_equal(a.masks, b.masks)
+    np.testing.assert_array_equal(a.iou, b.iou)
+    np.testing.assert_array_equal(a.low_res_logits, b.low_res_logits)
+
+
+def _same_propagation(a, b):
+    np.testing.assert_array_equal(a.masks, b.masks)
+    assert a.slices == b.slices and a.stops == b.stops and a.z_range == b.z_range and a.predicted == b.predicted
+
+
+def test_worker_round_trips_equal_in_process_results_bit_for_bit(worker, local):
+    box = Prompt(box=[10, 8, 38, 32])
+    for conn_a, conn_b in ((worker, local),):
+        a = conn_a.call("predict", "ct", axis=0, index=5, prompt=box, multimask=True, mapping="auto")
+        b = conn_b.call("predict", "ct", axis=0, index=5, prompt=box, multimask=True, mapping="auto")
+        assert a.masks.shape == (3, 40, 48)
+        _same_prediction(a, b)
+        one = conn_a.call("predict", "ct", axis=1, index=20, prompt=Prompt(points=[[24, 5]]), mapping=[0, 600])
+        _same_prediction(one, conn_b.call("predict", "ct", axis=1, index=20, prompt=Prompt(points=[[24, 5]]),
+                                          mapping=[0, 600]))
+        seed = {5: a.mask}
+        opts = {"iou_threshold": 0.0, "projection": "mask"}
+        pa = conn_a.call("propagate", "ct", axis=0, seeds=seed, options=opts)
+        pb = conn_b.call("propagate", "ct", axis=0, seeds=seed, options=opts)
+        assert len(pa.slices) >= 3
+        _same_propagation(pa, pb)
+        edit = np.zeros((40, 48), bool)
+        edit[12:26, 16:34] = True
+        ra = conn_a.call("repropagate", "ct", axis=0, previous=pa, changes=[(7, edit)], options=opts)
+        rb = conn_b.call("repropagate", "ct", axis=0, previous=pb, changes=[(7, edit)], options=opts)
+        _same_propagation(ra, rb)
+        assert 7 in ra.seeds
+        objects = [ObjectPrompts("blob", None, {5: box}), ObjectPrompts("corner", (0.1, 0.2, 0.3), {5: Prompt(box=[0, 0, 9, 9])})]
+        va = conn_a.call("segment_volume", "ct", axis=0, objects=objects, options={"iou_threshold": 0.0})
+        vb = conn_b.call("segment_volume", "ct", axis=0, objects=objects, options={"iou_threshold": 0.0})
+        assert [o.name for o in va.objects] == ["blob", "corner"] and va.objects[1].color == (0.1, 0.2, 0.3)
+        for oa, ob in zip(va.objects, vb.objects):
+            np.testing.assert_array_equal(oa.mask, ob.mask)
+            _same_propagation(oa.propagation, ob.propagation)
+            assert oa.seeds.keys() == ob.seeds.keys()
+        assert va.report() == vb.report()
+        truth = {"blob": ct_like()[1]}
+        rows_a = conn_a.call("robustness", "ct", axis=0, objects=objects[:1], reference=truth,
+                             corruptions=["gaussian_noise"], options={"iou_threshold": 0.0})
+        rows_b = conn_b.call("robustness", "ct", axis=0, objects=objects[:1], reference=truth,
+                             corruptions=["gaussian_noise"], options={"iou_threshold": 0.0})
+        assert rows_a == rows_b and [r.corruption for r in rows_a] == ["clear", "gaussian_noise"]
+        assert rows_a[0].dice_vs_reference > 0
+
+
+def test_worker_errors_are_messages_and_it_keeps_serving(worker):
+    with pytest.raises(EngineError, match="was not sent to this engine process"):
+        worker.client.call("predict", volume="nope", axis=0, index=0, prompt=Prompt(box=[0, 0, 4, 4]))
+    with pytest.raises(EngineError, match="outside the image"):
+        worker.call("predict", "ct", axis=0, index=3, prompt=Prompt(points=[[500, 3]]))
+    with pytest.raises(EngineError, match="unknown request"):
+        worker.client.call("format_disk")
+    assert worker.call("predict", "ct", axis=0, index=3, prompt=Prompt(box=[10, 8, 38, 32])).masks.shape == (1, 40, 48)
+
+
+def test_worker_scrolling_through_slices_then_clicking_waits_for_at_most_one_encode(worker):
+    """50 prefetches in a burst (scrolling with debounce off, the worst case), then a click on the last
+    slice: superseded prefetches are dropped unstarted, so the click waits for at most the one encode that
+    was already running (worker journal), plus its own."""
+    conn = worker
+    conn.call("clear_cache")
+    requests = [conn.request("prefetch", "ct", axis=1, index=n % 40, mapping="auto") for n in range(50)]
+    click = conn.request("predict", "ct", axis=1, index=9, prompt=Prompt(box=[5, 2, 40, 8]), mapping="auto")
+    conn.wait(click, 60)
+    for r in requests:
+        conn.wait(r, 60)
+    journal = {e["id"]: e for e in conn.client.call("journal")}
+    p = journal[click.id]
+    ran = [journal[r.id] for r in requests if journal[r.id]["status"] == "ok"]
+    waited_for = [e for e in ran if e["started"] < p["started"] and e["ended"] > p["received"]]
+    assert len(waited_for) <= 1, waited_for
+    assert sum(r.status == "dropped" for r in requests) >= 45  # latest wins
+    assert all(r.status in ("ok", "dropped") for r in requests)
+
+
+def test_debounced_prefetch_sends_only_where_the_view_rests(local):
+    conn = local
+    conn.debounce = 0.05
+    sent = []
+    submit = conn.client.submit
+    conn.client.submit = lambda kind, fields=None, *a, **k: (sent.append((kind, dict(fields or {}))),
+                                                               submit(kind, fields, *a, **k))[1]
+    try:
+        for n in range(30):
+            conn.prefetch("ct", 0, n % 10)
+            conn.poll()
+        time.sleep(0.06)
+        conn.poll()
+    finally:
+        conn.client.submit = submit
+        conn.debounce = 0.0
+    prefetches = [f for kind, f in sent if kind == "prefetch"]
+    assert [f["index"] for f in prefetches] == [29 % 10]
+
+
+def test_worker_cancel_stops_a_propagation_and_the_next_request_works(worker):
+    worker.call("clear_cache")
+    run = worker.request("propagate", "ct", axis=1, seeds={20: ct_like()[1][:, 20]}, options={"iou_threshold": 0.0})
+    while run.done < 2 and not run.finished:
+        worker.poll(0.01)
+        time.sleep(0.005)
+    run.cancel()
+    worker.wait(run, 60)
+    assert run.status == "cancelled"
+    assert worker.call("status")["loaded"]
+
+
+# ----------------------------------------------------------------------------------- crash, unload
+def test_worker_unload_returns_its_memory_and_the_next_request_starts_a_new_one(tmp_path):
+    conn = connection(WorkerClient(log_dir=tmp_path))
+    assert conn.wait(conn.load(), 120).ok
+    conn.call("predict", "ct", axis=0, index=5, prompt=Prompt(box=[10, 8, 38, 32]))
+    status = conn.call("status")
+    pid, generation = conn.client.pid, conn.client.generation
+    assert status["rss_bytes"] > 100e6  # torch and the model
+    conn.unload()
+    assert not conn.client.alive
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the process is gone (reaped): all of its memory is back with the system
+    again = conn.call("predict", "ct", axis=0, index=5, prompt=Prompt(box=[10, 8, 38, 32]))
+    assert again.masks.any() and conn.client.generation == generation + 1 and conn.client.pid != pid
+    conn.close()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_worker_killed_mid_propagation_leaves_the_segment_voxel_identical(tmp_path):
+    """Through the Slicer bridge on slicer-core: Propagate, the engine process is killed, one clear message,
+    the segmentation untouched; Propagate again works in a fresh engine (model and volume re-sent)."""
+    slicer = pytest.importorskip("slicer")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("slicer-core is not installed")
+    import slicer.util
+
+    sys.path.insert(0, str(REPO / "RobustMedSAM"))
+    from RobustMedSAMLogic import segments, volumes
+    from RobustMedSAMLogic.engine import EngineSession, ModelChoice
+    from RobustMedSAMLogic.headless import make_headless_scene
+    from RobustMedSAMLogic.propagation import PropagationOptions, bind_session, engine_runner
+
+    scene, _ = make_headless_scene()
+    array, blob = ct_like()
+    vol = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    slicer.util.updateVolumeFromArray(vol, array)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(vol)
+    sid = seg.GetSegmentation().AddEmptySegment("blob", "blob")
+    writer = segments.SegmentWriter(segments.editor_access(scene, seg, vol), seg, vol)
+    writer.replace_slice(sid, 0, 5, blob[5])  # annotation on one axial slice
+    engine = EngineSession(ModelChoice(model="tiny"), client=WorkerClient(log_dir=tmp_path))
+    session = bind_session(seg, sid, vol, engine_runner(engine, vol, "auto"), writer,
+                           segments.PreviewSegmentation(scene, vol, seg))
+    before = segments.snapshot(seg, vol)
+    options = PropagationOptions(axis=0, iou_threshold=0.0)
+    done = []
+    request = session.start(session.plan(options), on_done=done.append)
+    while request.done < 2 and not request.finished:
+        engine.poll()
+        time.sleep(0.005)
+    os.kill(engine.client.pid, signal.SIGKILL)
+    while session.running:
+        engine.poll()
+        time.sleep(0.005)
+    assert done == [request] and isinstance(request.error, WorkerDied)
+    assert "engine process stopped" in str(request.error) and "killed" in str(request.error)
+    assert session.result is None and segments.same_snapshot(before, segments.snapshot(seg, vol))
+    request = session.start(session.plan(options))
+    engine.wait(request, 120)
+    assert request.ok and engine.client.generation == 2
+    session.apply()
+    got = volumes.segment_mask(seg, sid, vol)
+    np.testing.assert_array_equal(got[5], blob[5])
+    assert len(session.last_applied.slices) > 2
+    engine.close()
+
+
+def test_worker_client_side_never_imports_torch():
+    """The Slicer process: client, connection, codec (decoding every result type) and the bridge."""
+    code = f"""
+import sys
+sys.path.insert(0, {str(REPO / 'RobustMedSAM')!r})
+import numpy as np
+from RobustMedSAMLib.worker import client, connection, protocol
+from RobustMedSAMLib import prompts, propagation, prompt_files, volume_io, intensity, weights
+from RobustMedSAMLib.worker.protocol import _dataclass, DATACLASSES
+for name in DATACLASSES:
+    _dataclass(name)
+import RobustMedSAMLogic.engine, RobustMedSAMLogic.logic, RobustMedSAMLogic.interaction
+import RobustMedSAMLogic.propagation, RobustMedSAMLogic.segments, RobustMedSAMLogic.markups
+RobustMedSAMLogic.engine.model_names(); RobustMedSAMLogic.engine.weights_status("robustmedsam")
+bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "segment_anything"))
+assert not bad, bad
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
