@@ -125,7 +125,7 @@ def test_python_39_syntax_and_gui_free_bridge():
         if py.suffix == ".py":
             ast.parse(py.read_text(), filename=str(py), feature_version=(3, 9))
     allowed = {"slicer", "vtk", "numpy", "RobustMedSAMLib", "__future__", "typing", "dataclasses", "pathlib",
-               "threading", "time", "traceback", "math", "json", "re", "types", "importlib"}
+               "threading", "time", "traceback", "math", "json", "re", "types", "importlib", "logging"}
     for py in (MODULE_DIR / "RobustMedSAMLogic").glob("*.py"):
         for node in ast.parse(py.read_text()).body:  # module-level imports only (torch is imported lazily)
             if isinstance(node, ast.Import):
