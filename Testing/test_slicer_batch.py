@@ -93,3 +93,20 @@ def test_batch_script_failures_exit_non_zero_with_a_message(tiny_checkpoint, tmp
     assert rc == 3 and "robustmedsam_best.pth" in err
     assert script.main(["--input", "x"]) == 2  # usage error
     assert not (tmp_path / "o.seg.nrrd").exists()
+
+
+def test_usage_flag_because_slicer_reads_help_itself(capsys):
+    """Inside Slicer -h/--help print Slicer's own options: --usage prints the script's, and a usage error
+    says so; "--" (Slicer's ignore-the-rest, which Slicer drops) is also accepted in front. Plain Python."""
+    import subprocess
+
+    for args in (["--usage"], ["--", "--usage"], ["--help"]):
+        r = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert "--input" in r.stdout and "--usage" in r.stdout and "Slicer reads -h/--help itself" in r.stdout
+    script = load_script()
+    assert script.main(["--", "--usage"]) == 0 and "--prompts" in capsys.readouterr().out
+    assert script.main(["--input", "ct.nrrd"]) == 2
+    err = capsys.readouterr().err
+    assert "required: --prompts, --output" in err and "use --usage" in err and "-- before" in err
+    assert "--usage" in script.__doc__ and "-- --help" in script.__doc__

@@ -170,3 +170,222 @@ def test_requirements_file():
     assert satisfies("2.3.1+cu121", ">=2.0") and not satisfies("1.13.1", ">=2.0")
     assert missing_requirements(reqs) == []  # this test environment has everything
 
+
+# ------------------------------------------------------------------------------- installing in Slicer
+class FakeSlicer:
+    """What ensure_dependencies touches in Slicer, as stand-ins recording every call: ``slicer.app``
+    (``testingEnabled()``), ``slicer.util`` (``confirmOkCancelDisplay``, ``pip_install``), ``slicer.packaging``
+    (``pip_ensure``, Slicer >= 5.12: a submodule that ``import slicer`` does not load) and the PyTorch
+    extension's ``PyTorchUtils``; installed versions live in ``self.versions`` and the installers change them."""
+
+    def __init__(self, monkeypatch, versions, testing=False, packaging=True, pytorch_utils=True, answer=True):
+        import types
+
+        self.versions, self.calls = dict(versions), []
+        slicer = types.ModuleType("slicer")
+        slicer.app = types.SimpleNamespace(testingEnabled=lambda: testing)
+        slicer.util = types.SimpleNamespace(confirmOkCancelDisplay=self._confirm(answer), pip_install=self._pip_install)
+        monkeypatch.setitem(sys.modules, "slicer", slicer)
+        monkeypatch.setitem(sys.modules, "slicer.util", slicer.util)
+        pkg = None
+        if packaging:  # present as a module, not as an attribute of slicer: only "import slicer.packaging" finds it
+            pkg = types.ModuleType("slicer.packaging")
+            pkg.pip_ensure = self._pip_ensure
+        monkeypatch.setitem(sys.modules, "slicer.packaging", pkg)
+        torch_utils = None
+        if pytorch_utils:
+            torch_utils = types.ModuleType("PyTorchUtils")
+            fake = self
+
+            class PyTorchUtilsLogic:
+                def torchInstalled(self):
+                    return "torch" in fake.versions
+
+                def installTorch(self, askConfirmation=False, forceComputationBackend=None,
+                                 torchVersionRequirement=None):
+                    fake.calls.append(("installTorch", askConfirmation, torchVersionRequirement))
+                    fake.versions["torch"] = "2.5.1+cpu"
+                    return types.SimpleNamespace(__version__="2.5.1+cpu")
+
+            torch_utils.PyTorchUtilsLogic = PyTorchUtilsLogic
+        monkeypatch.setitem(sys.modules, "PyTorchUtils", torch_utils)
+
+    def version_of(self, name):
+        if name.lower() not in self.versions:
+            raise LookupError(name)
+        return self.versions[name.lower()]
+
+    def _confirm(self, answer):
+        def confirm(text, *args, **kwargs):
+            self.calls.append(("confirm", text))
+            return answer
+        return confirm
+
+    def _install(self, requirements):
+        for r in requirements:
+            self.versions[re.split(r"[<>=!~]", r)[0].lower()] = "99.0"
+
+    def _pip_install(self, requirements):
+        self.calls.append(("pip_install", requirements))
+        self._install(requirements.split())
+
+    def _pip_ensure(self, requirements, prompt_install=True, requester=None, **kwargs):
+        self.calls.append(("pip_ensure", list(requirements), prompt_install, requester))
+        self._install(requirements)
+
+    def names(self):
+        return [c[0] for c in self.calls]
+
+
+REQUIREMENTS = MODULE_DIR / "Resources" / "requirements.txt"
+ALL_PRESENT = {"torch": "2.3.1+cu121", "segment-anything": "1.0", "safetensors": "0.4.3", "slicerio": "1.4.0"}
+
+
+def dependencies():
+    sys.path.insert(0, str(MODULE_DIR))
+    try:
+        from RobustMedSAMLogic import dependencies as deps
+    finally:
+        sys.path.remove(str(MODULE_DIR))
+    return deps
+
+
+def test_packages_go_through_pip_ensure_on_slicer_512(monkeypatch):
+    deps = dependencies()
+    versions = {k: v for k, v in ALL_PRESENT.items() if k not in ("safetensors", "slicerio")}
+    fake = FakeSlicer(monkeypatch, versions)
+    assert deps.ensure_dependencies(REQUIREMENTS, version_of=fake.version_of)
+    assert fake.names() == ["confirm", "pip_ensure"]  # one question, then Slicer 5.12's own installer
+    assert fake.calls[1] == ("pip_ensure", ["safetensors>=0.4", "slicerio>=1.4"], False, "RobustMedSAM")
+    assert "safetensors>=0.4" in fake.calls[0][1] and "PyTorch" not in fake.calls[0][1]
+    # Slicer < 5.12 (no slicer.packaging): slicer.util.pip_install
+    fake = FakeSlicer(monkeypatch, versions, packaging=False)
+    assert deps.ensure_dependencies(REQUIREMENTS, version_of=fake.version_of)
+    assert fake.names() == ["confirm", "pip_install"] and fake.calls[1][1] == "safetensors>=0.4 slicerio>=1.4"
+    # everything there: nothing asked, nothing installed
+    fake = FakeSlicer(monkeypatch, ALL_PRESENT)
+    assert deps.ensure_dependencies(REQUIREMENTS, version_of=fake.version_of) and fake.calls == []
+
+
+def test_missing_torch_comes_from_the_pytorch_extension(monkeypatch):
+    deps = dependencies()
+    versions = {k: v for k, v in ALL_PRESENT.items() if k != "torch"}
+    fake = FakeSlicer(monkeypatch, versions)
+    assert deps.ensure_dependencies(REQUIREMENTS, version_of=fake.version_of)
+    assert fake.names() == ["confirm", "installTorch"] and fake.calls[1] == ("installTorch", False, ">=2.0")
+    assert "PyTorch" in fake.calls[0][1]
+    fake = FakeSlicer(monkeypatch, versions, pytorch_utils=False)
+    with pytest.raises(deps.InstallError, match="install 'PyTorch' from the Extensions Manager"):
+        deps.ensure_dependencies(REQUIREMENTS, version_of=fake.version_of)
+    fake = FakeSlicer(monkeypatch, versions, answer=False)
+    with pytest.raises(deps.InstallError, match="declined"):
+        deps.ensure_dependencies(REQUIREMENTS, version_of=fake.version_of)
+    assert fake.names() == ["confirm"] and "torch" not in fake.versions
+
+
+def test_old_torch_points_to_pytorch_utils(monkeypatch):
+    deps = dependencies()
+    fake = FakeSlicer(monkeypatch, dict(ALL_PRESENT, torch="1.13.1"))
+    with pytest.raises(deps.InstallError) as e:
+        deps.ensure_dependencies(REQUIREMENTS, version_of=fake.version_of)
+    text = str(e.value)
+    assert "1.13.1" in text and ">=2.0" in text and "PyTorch Utils" in text and "Uninstall PyTorch" in text
+    assert e.value.restart_required and fake.calls == []  # no question, no install that could not help
+
+
+def test_testing_mode_installs_nothing(monkeypatch):
+    deps = dependencies()
+    versions = {k: v for k, v in ALL_PRESENT.items() if k not in ("torch", "slicerio")}
+    fake = FakeSlicer(monkeypatch, versions, testing=True)
+    with pytest.raises(deps.InstallError) as e:
+        deps.ensure_dependencies(REQUIREMENTS, version_of=fake.version_of)
+    assert str(e.value).startswith(deps.TESTING_MESSAGE) and "torch>=2.0, slicerio>=1.4" in str(e.value)
+    assert fake.calls == [] and fake.versions == versions
+    fake = FakeSlicer(monkeypatch, ALL_PRESENT, testing=True)
+    assert deps.ensure_dependencies(REQUIREMENTS, version_of=fake.version_of)
+    assert deps.self_test_skip_reason(REQUIREMENTS, fake.version_of) is None
+    reason = deps.self_test_skip_reason(REQUIREMENTS, FakeSlicer(monkeypatch, versions).version_of)
+    assert reason.startswith(deps.SELF_TEST_SKIPPED) and "torch>=2.0" in reason
+
+
+# ----------------------------------------------------------------------- the self-test ctest without torch
+def _self_test_commands():
+    commands = list(cmake_commands(MODULE_DIR / "CMakeLists.txt"))
+    start = commands.index(("if", ["BUILD_TESTING"]))
+    end = next(n for n in range(start, len(commands)) if commands[n][0] == "endif")
+    return commands[start + 1:end]
+
+
+def test_cmake_self_test_is_skipped_without_its_packages(monkeypatch):
+    """py_RobustMedSAM stays registered (it runs wherever torch is installed) and ctest marks it skipped when
+    its output says the packages are missing: the self-test's skip line, the testing-mode refusal to
+    install, or the import error of torch; a real failure still fails."""
+    deps = dependencies()
+    block = _self_test_commands()
+    assert block[0] == ("slicer_add_python_unittest", ["SCRIPT", "${MODULE_NAME}.py"])
+    props = dict(block)["set_tests_properties"]
+    assert props[:3] == ["py_${MODULE_NAME}", "PROPERTIES", "SKIP_REGULAR_EXPRESSION"]
+    patterns = props[3].split(";")
+    assert deps.SELF_TEST_SKIPPED in patterns and deps.TESTING_MESSAGE in patterns
+
+    def skipped(output):
+        return any(re.search(p, output) for p in patterns)
+
+    fake = FakeSlicer(monkeypatch, {}, testing=True)
+    with pytest.raises(deps.InstallError) as e:
+        deps.ensure_dependencies(REQUIREMENTS, version_of=fake.version_of)
+    assert skipped(f"Traceback (most recent call last):\n...\nInstallError: {e.value}\n")
+    assert skipped(deps.self_test_skip_reason(REQUIREMENTS, fake.version_of))
+    assert skipped("  File \"RobustMedSAM.py\", line 561\nModuleNotFoundError: No module named 'torch'\n")
+    assert not skipped("AssertionError: False is not true\nFAILED (failures=1)\n")
+    assert not skipped("ModuleNotFoundError: No module named 'torchvision'\n")
+
+
+def test_ctest_reports_the_self_test_skipped_without_torch(tmp_path):
+    """The module's CMakeLists.txt configured by a real CMake (Slicer's macros stood in, the test named as
+    slicer_add_python_unittest names it, a launcher that prints a given output), then run by ctest."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("cmake") is None or shutil.which("ctest") is None:
+        pytest.skip("cmake/ctest are not installed")
+    launcher = tmp_path / "launcher.sh"
+    launcher.write_text('#!/bin/sh\nprintf "%s\\n" "$FAKE_OUTPUT"\nexit "$FAKE_RC"\n')
+    launcher.chmod(0o755)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "CMakeLists.txt").write_text(f"""
+cmake_minimum_required(VERSION 3.16.3)
+project(SelfTestCheck NONE)
+enable_testing()
+set(BUILD_TESTING ON)
+set(Slicer_LAUNCHER_EXECUTABLE "{launcher}")
+macro(slicerMacroBuildScriptedModule)
+endmacro()
+macro(ctkMacroCompilePythonScript)
+endmacro()
+macro(slicer_add_python_unittest)
+  cmake_parse_arguments(MY "" "SCRIPT" "" ${{ARGN}})
+  get_filename_component(test_name ${{MY_SCRIPT}} NAME_WE)
+  add_test(NAME py_${{test_name}} COMMAND ${{Slicer_LAUNCHER_EXECUTABLE}} --testing ${{MY_SCRIPT}})
+endmacro()
+add_subdirectory("{MODULE_DIR}" module)
+""")
+    build = tmp_path / "build"
+    subprocess.run(["cmake", "-S", str(tmp_path / "src"), "-B", str(build)], check=True, capture_output=True)
+
+    def ctest(output, rc):
+        env = dict(os.environ, FAKE_OUTPUT=output, FAKE_RC=str(rc))
+        r = subprocess.run(["ctest", "--test-dir", str(build), "-R", "^py_RobustMedSAM$"], env=env,
+                           capture_output=True, text=True)
+        line = next(x for x in r.stdout.splitlines() if "py_RobustMedSAM" in x and "Test" in x)
+        return r.returncode, line
+
+    rc, line = ctest("ModuleNotFoundError: No module named 'torch'", 1)
+    assert rc == 0 and "Skipped" in line, line
+    rc, line = ctest("RobustMedSAMTest skipped: Python packages missing: torch>=2.0", 0)
+    assert rc == 0 and "Skipped" in line, line
+    rc, line = ctest("AssertionError: False is not true", 1)
+    assert rc != 0 and "Failed" in line, line
+    rc, line = ctest("OK", 0)
+    assert rc == 0 and "Passed" in line, line

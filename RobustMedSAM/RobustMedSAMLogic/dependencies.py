@@ -5,7 +5,8 @@
 need; numpy, scipy, Pillow and SimpleITK are part of Slicer and are never reinstalled).
 :func:`missing_requirements` is pure Python (tested);
 :func:`ensure_dependencies` uses Slicer (one confirmation for everything, then PyTorchUtils for torch and
-``slicer.packaging.pip_ensure`` (Slicer >= 5.12) or ``slicer.util.pip_install`` for the rest).
+``slicer.packaging.pip_ensure`` (Slicer >= 5.12) or ``slicer.util.pip_install`` for the rest); it installs
+nothing in testing mode and never replaces an old torch itself (the PyTorch Utils module does).
 """
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ SLICER_PROVIDED = ("numpy", "scipy", "pillow", "simpleitk")
 #: installed through the PyTorch extension (CUDA/CPU build chosen by light-the-torch), never by pip here
 TORCH_PACKAGES = ("torch", "torchvision")
 TORCH_REQUIREMENT = ">=2.0"
+#: start of the error raised in testing mode instead of installing (ctest reports such a run as skipped)
+TESTING_MESSAGE = "RobustMedSAM installs no Python packages in testing mode"
+#: start of the line the module's self-test prints when it cannot run (ctest reports it as skipped)
+SELF_TEST_SKIPPED = "RobustMedSAMTest skipped"
 
 _REQ = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*(.*?)\s*(;.*)?$")
 
@@ -110,27 +115,81 @@ def plan_installation(requirements: Sequence[str], version_of=None) -> Tuple[boo
     return torch_needed, others
 
 
+def installed_version(name: str, version_of: Optional[Callable[[str], str]] = None) -> Optional[str]:
+    """The installed version of distribution ``name`` (metadata only, nothing imported), or None."""
+    import importlib.metadata as md
+
+    try:
+        return (version_of or md.version)(name)
+    except (md.PackageNotFoundError, LookupError):
+        return None
+
+
+def self_test_skip_reason(requirements_path, version_of: Optional[Callable[[str], str]] = None) -> Optional[str]:
+    """Why the module's self-test cannot run here (``"RobustMedSAMTest skipped: ..."``: torch or another
+    requirement is missing, as on the extension build machines), or None. The self-test logs this line and
+    returns, and ctest reports the run as skipped (``RobustMedSAM/CMakeLists.txt``)."""
+    torch_needed, others = plan_installation(read_requirements(requirements_path), version_of)
+    missing = ([f"torch{TORCH_REQUIREMENT}"] if torch_needed else []) + others
+    if not missing:
+        return None
+    return f"{SELF_TEST_SKIPPED}: Python packages missing: {', '.join(missing)} (see RobustMedSAM/README.md)"
+
+
+def old_torch_message(version: str) -> str:
+    return (f"PyTorch {version} is installed, but RobustMedSAM needs torch{TORCH_REQUIREMENT}. Update it with the "
+            "'PyTorch Utils' module (Modules > Utilities > PyTorch Utils): click 'Uninstall PyTorch', restart "
+            f"Slicer, enter '{TORCH_REQUIREMENT}' as 'Torch version requirement' and click 'Install PyTorch'")
+
+
+def slicer_packaging():
+    """``slicer.packaging`` (Slicer >= 5.12: ``pip_ensure``), or None on older Slicer versions. It is a
+    submodule that ``import slicer`` does not load, so it must be imported by name."""
+    try:
+        import slicer.packaging as packaging
+    except ImportError:
+        return None
+    return packaging if hasattr(packaging, "pip_ensure") else None
+
+
+def testing_enabled() -> bool:
+    """Slicer runs with ``--testing`` (self-tests, ctest)."""
+    import slicer
+
+    app = getattr(slicer, "app", None)
+    return bool(app is not None and app.testingEnabled())
+
+
 def ensure_dependencies(requirements_path, confirm: Optional[Callable[[str], bool]] = None,
-                        requester: str = "RobustMedSAM") -> bool:
+                        requester: str = "RobustMedSAM", version_of: Optional[Callable[[str], str]] = None) -> bool:
     """Inside Slicer: install what is missing after one confirmation; True if everything is present.
 
-    ``confirm(text)`` asks the user (default: ``slicer.util.confirmOkCancelDisplay``); declining raises
-    :class:`InstallError`. torch goes through the PyTorch extension (``PyTorchUtils``); if that extension is
-    not installed, :class:`InstallError` says so (it is a declared dependency of this extension, so the
-    Extensions Manager normally installs it).
+    Raises :class:`InstallError` with what to do when: the user declines; Slicer runs in testing mode
+    (``--testing``: nothing is installed, the message lists what is missing; :data:`TESTING_MESSAGE`);
+    an installed torch is older than :data:`TORCH_REQUIREMENT` (it is updated from the PyTorch Utils
+    module, which this extension does not do behind the user's back); the PyTorch extension is missing.
+    ``confirm(text)`` asks the user (default: ``slicer.util.confirmOkCancelDisplay``). torch is installed
+    through ``PyTorchUtils``, the rest with ``slicer.packaging.pip_ensure`` (Slicer >= 5.12) or
+    ``slicer.util.pip_install``. ``version_of(name)``: installed versions (default: package metadata).
     """
     import slicer
 
     requirements = read_requirements(requirements_path)
-    torch_needed, others = plan_installation(requirements)
+    torch_needed, others = plan_installation(requirements, version_of)
     if not torch_needed and not others:
         return True
-    what = (["PyTorch (through the PyTorch extension; CUDA build if a GPU is found)"] if torch_needed else []) + others
+    torch_version = installed_version("torch", version_of)
+    what = (["PyTorch (through the PyTorch extension; CUDA build if a GPU is found)"]
+            if torch_needed and torch_version is None else []) + others
+    if testing_enabled():
+        missing = ([f"torch{TORCH_REQUIREMENT}"] if torch_needed else []) + others
+        raise InstallError(f"{TESTING_MESSAGE}: missing {', '.join(missing)}; install them in a normal Slicer "
+                           "session (open the RobustMedSAM module once) before running the tests")
+    if torch_needed and torch_version is not None:
+        raise InstallError(old_torch_message(torch_version), restart_required=True)
     text = ("RobustMedSAM needs these Python packages, which will be downloaded and installed now "
             "(this can take several minutes):\n\n  " + "\n  ".join(what))
-    if confirm is None:
-        confirm = slicer.util.confirmOkCancelDisplay
-    if not slicer.app.commandOptions().testingEnabled and not confirm(text):
+    if not (confirm or slicer.util.confirmOkCancelDisplay)(text):
         raise InstallError("RobustMedSAM cannot run without its Python packages (installation declined)")
     if torch_needed:
         try:
@@ -138,20 +197,19 @@ def ensure_dependencies(requirements_path, confirm: Optional[Callable[[str], boo
         except ModuleNotFoundError:
             raise InstallError("RobustMedSAM needs the PyTorch extension: install 'PyTorch' from the Extensions "
                                "Manager, restart Slicer, and try again", restart_required=True) from None
-        torch_logic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torch_logic.torchInstalled():
-            # no torchvisionVersionRequirement: older PyTorchUtils versions do not take it
-            torch = torch_logic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT)
-            if torch is None:
-                raise InstallError("PyTorch could not be installed; see the Python console for details")
+        # no torchvisionVersionRequirement: older PyTorchUtils versions do not take it
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                              torchVersionRequirement=TORCH_REQUIREMENT)
+        if torch is None:
+            raise InstallError("PyTorch could not be installed; see the Python console for details")
     if others:
-        packaging = getattr(slicer, "packaging", None)
-        if packaging is not None and hasattr(packaging, "pip_ensure"):
+        packaging = slicer_packaging()
+        if packaging is not None:
             packaging.pip_ensure(others, prompt_install=False, requester=requester)
         else:
             # --no-deps would miss pynrrd (slicerio); the listed packages do not pull torch or numpy upgrades
             slicer.util.pip_install(" ".join(others))
-    still = missing_requirements(requirements)
+    still = missing_requirements(requirements, version_of)
     still = [r for r in still if requirement_name(r) not in SLICER_PROVIDED]
     if still:
         raise InstallError(f"still missing after installation: {', '.join(still)}; restart Slicer and try again",

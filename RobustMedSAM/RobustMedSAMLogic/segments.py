@@ -1,61 +1,28 @@
 """Writing masks into segments the way the Segment Editor does, and the preview segmentation.
 
-Three ways to reach Slicer's editing machinery, chosen by :func:`editor_access` (all expose the same small
-interface: ``save_state_for_undo()``, ``modify(segment_id, labelmap, mode)``, ``can_undo()``, ``undo()``):
-
-* :class:`EffectAccess` -- inside a Segment Editor effect: ``scriptedEffect.saveStateForUndo()`` and
-  ``scriptedEffect.modifySegmentByLabelmap(...)``, i.e. the editor widget's own undo history and its
-  masking settings (editable area, editable intensity range, overwrite other segments). This is what the
-  two effects use in the Slicer application (5.8 and later).
-* :class:`EditorLogicAccess` -- ``slicer.vtkSlicerSegmentEditorLogic`` (Slicer 5.10 and later, and the
-  slicer-core wheel): the same C++ code the editor widget runs (``ModifySegmentByLabelmap``,
-  ``SaveStateForUndo``, ``Undo``) on a segment editor node that carries the masking settings, with its own
-  undo history. Used by the module panel and batch mode.
-* :class:`FallbackAccess` -- Slicer 5.8 without a segment editor widget (batch mode): the edit mask from
-  ``vtkMRMLSegmentationNode.GenerateEditMask`` (Slicer's own), the editable intensity range and the
-  overwrite rule applied in numpy with the same semantics as ``ModifySegmentByLabelmap``, written with
-  ``vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment``; undo via ``vtkSegmentationHistory``.
-
-:class:`SegmentWriter` builds the modifier labelmaps from ``(K, J, I)`` masks on the source volume's grid
-and groups the modifications of one user action into one undo step.
+:class:`SegmentWriter` takes ``(K, J, I)`` masks on the source volume's voxel grid, builds modifier labelmaps on
+the segmentation's reference geometry (the grid the Segment Editor edits on: the volume's own, an oversampled
+one, or another volume's) and hands them to one of the accesses of :mod:`.edit_access` (the effect's
+editor, Slicer's segment editor logic, or the Slicer 5.8 fallback), grouping the modifications of one user
+action into one undo step. :class:`PreviewSegmentation` shows a result before it is applied.
 """
 from __future__ import annotations
 
+import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import volumes
+from .edit_access import (ADD, EDITOR_SINGLETON_TAG, MODES, REMOVE, SET, EditorLogicAccess, EffectAccess,  # noqa: F401
+                          FallbackAccess, SegmentEditError, copy_masking_settings, editor_access,
+                          find_segment_editor_node)
 
-SET, ADD, REMOVE = "set", "add", "remove"
-MODES = (SET, ADD, REMOVE)
 BINARY_LABELMAP = "Binary labelmap"
-EDITOR_SINGLETON_TAG = "SegmentEditor"  # the Segment Editor module's parameter node
 PREVIEW_NAME = "RobustMedSAM preview"
 PREVIEW_ATTRIBUTE = "RobustMedSAM.Preview"
 
-
-class SegmentEditError(RuntimeError):
-    """A segment cannot be modified (no such segment, not a labelmap segmentation...)."""
-
-
-def find_segment_editor_node(scene):
-    """The Segment Editor module's parameter node (its masking/overwrite settings), or None."""
-    node = scene.GetSingletonNode(EDITOR_SINGLETON_TAG, "vtkMRMLSegmentEditorNode") if scene else None
-    if node is None and scene is not None:
-        node = scene.GetFirstNodeByClass("vtkMRMLSegmentEditorNode")
-    return node
-
-
-def copy_masking_settings(source, target) -> None:
-    """Copy editable area, editable intensity range and overwrite mode between segment editor nodes."""
-    if source is None or target is None:
-        return
-    target.SetMaskMode(source.GetMaskMode())
-    target.SetMaskSegmentID(source.GetMaskSegmentID())
-    target.SetOverwriteMode(source.GetOverwriteMode())
-    target.SetSourceVolumeIntensityMask(source.GetSourceVolumeIntensityMask())
-    target.SetSourceVolumeIntensityMaskRange(*source.GetSourceVolumeIntensityMaskRange())
+log = logging.getLogger(__name__)
 
 
 def ensure_labelmap_source(segmentation_node) -> None:
@@ -72,225 +39,16 @@ def ensure_labelmap_source(segmentation_node) -> None:
         "'Binary labelmap' its source representation first (Segmentations module, Representations section)")
 
 
-# ---------------------------------------------------------------------------------------- accesses
-class EffectAccess:
-    """Edits through a Segment Editor effect (``self.scriptedEffect``): the editor's undo and masking."""
-
-    def __init__(self, scripted_effect, segmentation_node) -> None:
-        self.effect = scripted_effect
-        self.segmentation_node = segmentation_node
-
-    def save_state_for_undo(self) -> None:
-        self.effect.saveStateForUndo()
-
-    def modify(self, segment_id: str, labelmap, mode: str) -> None:
-        import slicer
-
-        enum = {SET: slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet,
-                ADD: slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeAdd,
-                REMOVE: slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeRemove}[mode]
-        self.effect.modifySegmentByLabelmap(self.segmentation_node, segment_id, labelmap, enum)
-
-    def can_undo(self) -> bool:
-        return False  # the Segment Editor's Undo button owns this history
-
-    def undo(self) -> bool:
-        return False
-
-
-class EditorLogicAccess:
-    """Edits through ``slicer.vtkSlicerSegmentEditorLogic`` (Slicer >= 5.10): Slicer's own masking, overwrite
-    and undo code. ``editor_node``: a segment editor node carrying the masking settings (a private one is
-    created if omitted; pass ``settings_from`` to copy the Segment Editor module's settings into it)."""
-
-    def __init__(self, scene, segmentation_node, source_volume_node, editor_node=None, settings_from=None,
-                 max_undo_states: int = 10) -> None:
-        import slicer
-
-        self.scene = scene
-        self.segmentation_node = segmentation_node
-        self.owns_editor_node = editor_node is None
-        if editor_node is None:
-            editor_node = slicer.vtkMRMLSegmentEditorNode()
-            editor_node.SetName(scene.GenerateUniqueName("RobustMedSAM editor"))
-            editor_node.SetHideFromEditors(True)
-            editor_node.SetSaveWithScene(False)
-            scene.AddNode(editor_node)
-            editor_node.SetOverwriteMode(editor_node.OverwriteNone)  # without user settings: keep overlaps
-            copy_masking_settings(settings_from, editor_node)
-        self.editor_node = editor_node
-        self.logic = slicer.vtkSlicerSegmentEditorLogic()
-        self.logic.SetMRMLScene(scene)
-        self.logic.SetSegmentEditorNode(editor_node)
-        self.logic.SetMaximumNumberOfUndoStates(max_undo_states)
-        editor_node.SetAndObserveSegmentationNode(segmentation_node)
-        editor_node.SetAndObserveSourceVolumeNode(source_volume_node)
-
-    def save_state_for_undo(self) -> None:
-        self.logic.SaveStateForUndo()
-
-    def modify(self, segment_id: str, labelmap, mode: str) -> None:
-        L = type(self.logic)
-        enum = {SET: L.ModificationModeSet, ADD: L.ModificationModeAdd, REMOVE: L.ModificationModeRemove}[mode]
-        # the edit mask ("inside all segments"...) excludes the *selected* segment: select the target
-        previous = self.editor_node.GetSelectedSegmentID()
-        self.editor_node.SetSelectedSegmentID(segment_id)
-        try:
-            self.logic.ModifySegmentByLabelmap(self.segmentation_node, segment_id, labelmap, enum, True, False)
-        finally:
-            self.editor_node.SetSelectedSegmentID(previous)
-
-    def can_undo(self) -> bool:
-        return bool(self.logic.CanUndo())
-
-    def undo(self) -> bool:
-        if not self.logic.CanUndo():
-            return False
-        self.logic.Undo()
-        return True
-
-    def close(self) -> None:
-        if self.owns_editor_node and self.editor_node.GetScene() is not None:
-            self.scene.RemoveNode(self.editor_node)
-
-
-class FallbackAccess:
-    """Slicer 5.8 batch mode (no ``vtkSlicerSegmentEditorLogic``): same semantics as
-    ``ModifySegmentByLabelmap`` computed in numpy on the modifier labelmap's grid (see module docstring)."""
-
-    def __init__(self, scene, segmentation_node, source_volume_node, editor_node=None, settings_from=None) -> None:
-        import slicer
-
-        self.scene = scene
-        self.segmentation_node = segmentation_node
-        self.volume_node = source_volume_node
-        self.editor_node = editor_node or slicer.vtkMRMLSegmentEditorNode()  # settings holder only
-        if editor_node is None:
-            self.editor_node.SetOverwriteMode(self.editor_node.OverwriteNone)  # without user settings: keep overlaps
-            copy_masking_settings(settings_from, self.editor_node)
-        self.history = slicer.vtkSegmentationHistory()
-        self.history.SetSegmentation(segmentation_node.GetSegmentation())
-        self.history.SetMaximumNumberOfStates(10)
-
-    def save_state_for_undo(self) -> None:
-        self.history.SaveState()
-
-    def can_undo(self) -> bool:
-        return bool(self.history.IsRestorePreviousStateAvailable())
-
-    def undo(self) -> bool:
-        if not self.history.IsRestorePreviousStateAvailable():
-            return False
-        return bool(self.history.RestorePreviousState())
-
-    def modify(self, segment_id: str, labelmap, mode: str) -> None:
-        import slicer
-
-        node, editor = self.segmentation_node, self.editor_node
-        segmentation = node.GetSegmentation()
-        if segmentation.GetSegment(segment_id) is None:
-            raise SegmentEditError(f"segment {segment_id!r} is not in {node.GetName()!r}")
-        # work on the modifier's own grid (the source volume's grid in SegmentWriter)
-        matrix = volumes.image_to_frame(labelmap)
-        ext = labelmap.GetExtent()
-        full = self.volume_node.GetImageData().GetExtent()
-        box = [min(ext[0], full[0]), max(ext[1], full[1]), min(ext[2], full[2]), max(ext[3], full[3]),
-               min(ext[4], full[4]), max(ext[5], full[5])]
-        offset = np.array([box[4], box[2], box[0]])
-        shape = (box[5] - box[4] + 1, box[3] - box[2] + 1, box[1] - box[0] + 1)
-        grid = matrix.copy()
-        grid[:3, 3] = matrix[:3, :3] @ np.array([box[0], box[2], box[4]], dtype=float) + matrix[:3, 3]
-
-        def on_grid(img) -> np.ndarray:
-            return volumes.array_on_grid(img, grid, shape) != 0
-
-        def segment_on_grid(sid: str) -> np.ndarray:
-            return volumes.segment_mask_on_grid(node, sid, grid, shape)
-
-        modifier = on_grid(labelmap)
-        current = segment_on_grid(segment_id)
-        blocked = np.zeros(shape, dtype=bool)
-        if editor.GetMaskMode() != slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere:
-            ref = slicer.vtkOrientedImageData()
-            ref.SetExtent(0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1)
-            ref.SetImageToWorldMatrix(volumes.to_vtk(grid))
-            edit_mask = slicer.vtkOrientedImageData()
-            if not node.GenerateEditMask(edit_mask, editor.GetMaskMode(), ref, segment_id,
-                                         editor.GetMaskSegmentID() or ""):
-                raise SegmentEditError("Slicer could not compute the editable area")
-            blocked |= on_grid(edit_mask)
-        if editor.GetSourceVolumeIntensityMask():
-            lo, hi = editor.GetSourceVolumeIntensityMaskRange()
-            vals = volumes.volume_array(self.volume_node)
-            inside = np.zeros(shape, dtype=bool)
-            k0, j0, i0 = -offset
-            inside[k0:k0 + vals.shape[0], j0:j0 + vals.shape[1], i0:i0 + vals.shape[2]] = (vals >= lo) & (vals <= hi)
-            blocked |= ~inside
-        if mode == REMOVE and editor.GetMaskMode() == slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment:
-            blocked &= ~current  # erasing inside a single segment may always remove the current segment
-        effective = modifier & ~blocked
-        if mode == SET:
-            effective = effective | (current & blocked)  # the segment outside the editable area is kept
-            new = effective
-        elif mode == ADD:
-            new = current | effective
-        else:
-            new = current & ~effective
-        if mode in (SET, ADD):
-            display = node.GetDisplayNode()
-            others = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
-            others = [s for s in others if s != segment_id]
-            overwrite = editor.GetOverwriteMode()
-            if overwrite == slicer.vtkMRMLSegmentEditorNode.OverwriteNone:
-                others = []
-            elif overwrite == slicer.vtkMRMLSegmentEditorNode.OverwriteVisibleSegments:
-                others = [s for s in others if display is None or display.GetSegmentVisibility(s)]
-            for other in others:
-                mask = segment_on_grid(other)
-                if (mask & effective).any():
-                    self._write(other, mask & ~effective, grid)
-        self._write(segment_id, new, grid)
-        mask_segment = editor.GetMaskSegmentID()
-        if (mode == REMOVE and editor.GetMaskMode() == slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment
-                and mask_segment and mask_segment != segment_id and segmentation.GetSegment(mask_segment)
-                and effective.any()):
-            # as Slicer: erasing inside one segment gives the erased area to that segment (splitting)
-            self._write(mask_segment, segment_on_grid(mask_segment) | effective, grid)
-
-    def _write(self, segment_id: str, mask: np.ndarray, grid: np.ndarray) -> None:
-        import slicer
-
-        image = volumes.oriented_image(mask, grid)
-        Logic = slicer.vtkSlicerSegmentationsModuleLogic
-        if not Logic.SetBinaryLabelmapToSegment(image, self.segmentation_node, segment_id, Logic.MODE_REPLACE):
-            raise SegmentEditError(f"writing segment {segment_id!r} failed")
-
-    def close(self) -> None:
-        pass
-
-
-def editor_access(scene, segmentation_node, source_volume_node, editor_node=None, settings_from=None,
-                  prefer_fallback: bool = False):
-    """:class:`EditorLogicAccess` where ``vtkSlicerSegmentEditorLogic`` exists (Slicer >= 5.10, slicer-core),
-    else :class:`FallbackAccess`. ``settings_from``: a segment editor node whose masking settings to copy
-    (default: the Segment Editor module's node, if any; without one: editable everywhere, other segments
-    not overwritten, so overlapping objects are all kept as the command line writes them)."""
-    import slicer
-
-    if settings_from is None and editor_node is None:
-        settings_from = find_segment_editor_node(scene)
-    if hasattr(slicer, "vtkSlicerSegmentEditorLogic") and not prefer_fallback:
-        return EditorLogicAccess(scene, segmentation_node, source_volume_node, editor_node, settings_from)
-    return FallbackAccess(scene, segmentation_node, source_volume_node, editor_node, settings_from)
-
-
 # ------------------------------------------------------------------------------------------ writer
 class SegmentWriter:
     """Masks on the source volume's voxel grid -> segment modifications through an access object.
 
     Every public method is one user action: it saves one undo state first (``undo=False`` to group several
-    calls under an earlier :meth:`begin`), then modifies. Modifier labelmaps are cropped to the changed
-    region and expressed in the segmentation node's local frame (parent transforms handled, linear only).
+    calls under an earlier :meth:`begin`), then modifies. Modifier labelmaps are built where Slicer expects
+    them, on the segmentation's reference geometry (``access.reference_geometry()``, in the segmentation
+    node's local frame, parent transforms handled, linear only): the mask is resampled onto it by nearest
+    neighbour with Slicer's resampler (an exact copy when that geometry is the volume's grid) and cropped
+    to the changed region. :meth:`read` gives a segment back on the volume's grid.
     """
 
     def __init__(self, access, segmentation_node, volume_node) -> None:
@@ -329,6 +87,27 @@ class SegmentWriter:
             raise SegmentEditError(f"mask of shape {mask.shape} does not match the volume {self.shape}")
         return mask
 
+    # modifier labelmaps -------------------------------------------------------------------------
+    def _modifier(self, mask: np.ndarray, geometry, extent: Optional[volumes.Extent] = None, whole: bool = False):
+        """``mask`` ``(K, J, I)`` (volume grid) as a labelmap on the reference ``geometry``
+        ``(ijk_to_frame, extent)``; ``extent`` (volume voxels, default: the mask's bounding box) bounds what
+        it covers, ``whole`` covers the full reference extent (as the editor's default modifier labelmap).
+        None if nothing of ``extent`` falls inside the reference extent."""
+        ref_matrix, ref_extent = geometry
+        if extent is None:
+            extent = volumes.mask_extent(mask)
+        if whole:
+            target = ref_extent
+        elif extent is None:
+            return None
+        else:
+            target = volumes.intersect_extents(volumes.extent_on_grid(extent, self.matrix, ref_matrix), ref_extent)
+            if target is None:
+                log.warning("RobustMedSAM: the result lies outside the reference geometry of %r; nothing written",
+                            self.segmentation_node.GetName())
+                return None
+        return volumes.resample_onto(volumes.oriented_image(mask, self.matrix, extent), ref_matrix, target)
+
     # modifications --------------------------------------------------------------------------------
     def set_segment(self, segment_id: str, mask: np.ndarray, undo: bool = True) -> None:
         """Replace the whole segment by ``mask`` ``(K, J, I)`` (masking and overwrite settings apply)."""
@@ -336,30 +115,32 @@ class SegmentWriter:
         mask = self._full(mask)
         if undo:
             self.begin()
-        # full extent, like the editor's default modifier labelmap: with masking on, "set" keeps the segment
-        # outside the editable area only within the modifier's extent
-        full = (0, self.shape[2] - 1, 0, self.shape[1] - 1, 0, self.shape[0] - 1)
-        self.access.modify(segment_id, volumes.oriented_image(mask, self.matrix, full), SET)
+        # the full reference extent, like the editor's default modifier labelmap: with masking on, "set"
+        # keeps the segment outside the editable area only within the modifier's extent
+        modifier = self._modifier(mask, self.access.reference_geometry(), whole=True)
+        self.access.modify(segment_id, modifier, SET)
 
     def add(self, segment_id: str, mask: np.ndarray, undo: bool = True) -> None:
-        self._check(segment_id)
-        mask = self._full(mask)
-        if undo:
-            self.begin()
-        if mask.any():
-            self.access.modify(segment_id, volumes.oriented_image(mask, self.matrix), ADD)
+        self._modify(segment_id, mask, ADD, undo)
 
     def remove(self, segment_id: str, mask: np.ndarray, undo: bool = True) -> None:
+        self._modify(segment_id, mask, REMOVE, undo)
+
+    def _modify(self, segment_id: str, mask: np.ndarray, mode: str, undo: bool) -> None:
         self._check(segment_id)
         mask = self._full(mask)
         if undo:
             self.begin()
         if mask.any():
-            self.access.modify(segment_id, volumes.oriented_image(mask, self.matrix), REMOVE)
+            modifier = self._modifier(mask, self.access.reference_geometry())
+            if modifier is not None:
+                self.access.modify(segment_id, modifier, mode)
 
     def replace_slice(self, segment_id: str, axis: int, index: int, mask2d: np.ndarray, undo: bool = True) -> None:
         """Make the segment equal ``mask2d`` on slice ``index`` along array axis ``axis`` (0 = k, 1 = j,
-        2 = i; rows/columns as in docs/coordinates.md) and leave every other slice alone: one undo step."""
+        2 = i; rows/columns as in docs/coordinates.md) and leave every other slice alone: one undo step.
+        On a reference geometry other than the volume's grid, "the slice" is the set of reference voxels
+        whose nearest volume voxel lies on it."""
         self._check(segment_id)
         plane = np.zeros(self.shape, dtype=bool)
         sl = [slice(None)] * 3
@@ -372,10 +153,14 @@ class SegmentWriter:
             self.begin()
         plane[tuple(sl)] = True
         extent = volumes.mask_extent(plane)
-        self.access.modify(segment_id, volumes.oriented_image(plane, self.matrix, extent), REMOVE)
+        geometry = self.access.reference_geometry()
+        modifier = self._modifier(plane, geometry, extent)
+        if modifier is None:
+            return
+        self.access.modify(segment_id, modifier, REMOVE)
         plane[tuple(sl)] = mask2d
         if mask2d.any():
-            self.access.modify(segment_id, volumes.oriented_image(plane, self.matrix, extent), ADD)
+            self.access.modify(segment_id, self._modifier(plane, geometry, extent), ADD)
 
     def read(self, segment_id: str) -> np.ndarray:
         """The segment as ``(K, J, I)`` bool on the volume's grid."""

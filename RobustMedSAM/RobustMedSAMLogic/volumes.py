@@ -6,6 +6,11 @@ maps to; its *world* frame adds the linear parent transforms. Prompts and masks 
 volume's voxel grid, so local geometry is what the engine sees; world geometry is used only to move
 markups and labelmaps between nodes that sit under different transforms. Non-linear transforms are refused
 (harden them first).
+
+A segmentation stores its labelmaps on its *reference geometry* (a voxel grid in the segmentation node's
+local frame: the source volume's grid, an oversampled one ("Specify geometry"), or another volume's grid);
+the Segment Editor edits on that grid. :func:`reference_geometry` finds it as the editor does, and
+:func:`resample_onto` moves a labelmap onto it with Slicer's own nearest-neighbour resampler.
 """
 from __future__ import annotations
 
@@ -203,3 +208,131 @@ def segment_mask_on_grid(segmentation_node, segment_id: str, ijk_to_frame: np.nd
             segmentation_node, segment_id, image, False):
         return np.zeros(tuple(shape), dtype=bool)
     return array_on_grid(image, ijk_to_frame, shape) == segment.GetLabelValue()
+
+
+# ------------------------------------------------------------------------------- reference geometry
+def extent_is_empty(extent: Sequence[int]) -> bool:
+    return extent[0] > extent[1] or extent[2] > extent[3] or extent[4] > extent[5]
+
+
+def intersect_extents(a: Sequence[int], b: Sequence[int]) -> Optional[Extent]:
+    """Common part of two voxel extents ``(i0, i1, j0, j1, k0, k1)``, or None."""
+    out = tuple(int(max(a[n], b[n])) if n % 2 == 0 else int(min(a[n], b[n])) for n in range(6))
+    return None if extent_is_empty(out) else out
+
+
+def extent_on_grid(extent: Sequence[int], from_ijk_to_frame: np.ndarray, to_ijk_to_frame: np.ndarray) -> Extent:
+    """Voxel extent on the grid ``to_ijk_to_frame`` covering the voxels ``extent`` of the grid
+    ``from_ijk_to_frame`` (both grids in one frame): every target voxel whose centre lies in one of those
+    voxels (their faces at index +-0.5) is inside it."""
+    i0, i1, j0, j1, k0, k1 = extent
+    corners = np.array([[i, j, k, 1.0] for i in (i0 - 0.5, i1 + 0.5) for j in (j0 - 0.5, j1 + 0.5)
+                        for k in (k0 - 0.5, k1 + 0.5)])
+    mapped = (np.linalg.inv(to_ijk_to_frame) @ from_ijk_to_frame @ corners.T)[:3]
+    lo = np.ceil(mapped.min(axis=1) - 1e-6).astype(int)
+    hi = np.floor(mapped.max(axis=1) + 1e-6).astype(int)
+    return (int(lo[0]), int(hi[0]), int(lo[1]), int(hi[1]), int(lo[2]), int(hi[2]))
+
+
+def geometry_from_string(text: str) -> Tuple[np.ndarray, Extent]:
+    """``(ijk_to_frame, extent)`` of a serialized image geometry (``vtkSegmentationConverter`` format)."""
+    import slicer
+
+    image = slicer.vtkOrientedImageData()
+    if not text or not slicer.vtkSegmentationConverter.DeserializeImageGeometry(text, image, False):
+        raise GeometryError(f"not an image geometry: {text!r}")
+    return image_to_frame(image), tuple(int(v) for v in image.GetExtent())
+
+
+def _reference_string_from_segmentation(segmentation) -> str:
+    """The Segment Editor's reference geometry of a segmentation (Slicer's
+    ``GetReferenceImageGeometryStringFromSegmentation``, 5.10 and later; the same rule in Python for 5.8):
+    the "Reference image geometry" conversion parameter, its extent grown to hold every segment; without
+    it, the common geometry of the segments' labelmaps; "" if neither exists."""
+    import slicer
+
+    logic = getattr(slicer, "vtkSlicerSegmentEditorLogic", None)
+    if logic is not None and hasattr(logic, "GetReferenceImageGeometryStringFromSegmentation"):
+        return logic.GetReferenceImageGeometryStringFromSegmentation(segmentation)
+    return _reference_string_python(segmentation)
+
+
+def _reference_string_python(segmentation) -> str:
+    import slicer
+
+    Converter = slicer.vtkSegmentationConverter
+    text = segmentation.GetConversionParameter(Converter.GetReferenceImageGeometryParameterName())
+    if text:
+        image = slicer.vtkOrientedImageData()
+        Converter.DeserializeImageGeometry(text, image, False)
+        segments_extent = [0, -1, 0, -1, 0, -1]
+        segmentation.DetermineCommonLabelmapExtent(segments_extent, image, None)  # None: all segments
+        if not extent_is_empty(segments_extent):
+            own = image.GetExtent()
+            image.SetExtent(*[min(own[n], segments_extent[n]) if n % 2 == 0 else max(own[n], segments_extent[n])
+                              for n in range(6)])
+            text = Converter.SerializeImageGeometry(image)
+        return text
+    if segmentation.ContainsRepresentation(Converter.GetSegmentationBinaryLabelmapRepresentationName()):
+        return segmentation.DetermineCommonLabelmapGeometry(segmentation.EXTENT_UNION_OF_SEGMENTS, None)
+    return ""
+
+
+def reference_geometry(segmentation_node, volume_node=None) -> Tuple[np.ndarray, Extent]:
+    """``(ijk_to_frame, extent)`` of the grid the Segment Editor edits ``segmentation_node`` on (its default
+    modifier labelmap), in the segmentation node's local frame. If the segmentation has none yet, the
+    volume's geometry becomes its reference geometry, as the Segment Editor does with its source volume."""
+    segmentation = segmentation_node.GetSegmentation()
+    text = _reference_string_from_segmentation(segmentation)
+    if not text and volume_node is not None:
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        text = _reference_string_from_segmentation(segmentation)
+    if not text:
+        raise GeometryError(f"{segmentation_node.GetName()!r} has no reference geometry; select a source volume "
+                            "for it (Segment Editor) or set one (Segmentations module, 'Specify geometry')")
+    return geometry_from_string(text)
+
+
+def resample_onto(image, ijk_to_frame: np.ndarray, extent: Sequence[int], linear: bool = False,
+                  transform=None, background: float = 0.0):
+    """``image`` (a ``vtkOrientedImageData``) resampled onto the grid ``ijk_to_frame`` over ``extent`` with
+    Slicer's ``vtkOrientedImageDataResample`` (nearest neighbour unless ``linear``; ``transform``: an
+    optional ``vtkAbstractTransform`` from the image's frame to the grid's; zero/``background`` outside);
+    a plain copy when the grids match. None if ``extent`` is empty."""
+    import slicer
+
+    if extent_is_empty(extent):
+        return None
+    reference = slicer.vtkOrientedImageData()
+    reference.SetExtent(*[int(v) for v in extent])
+    reference.SetImageToWorldMatrix(to_vtk(ijk_to_frame))
+    out = slicer.vtkOrientedImageData()
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+            image, reference, out, bool(linear), False, transform, float(background)):
+        raise GeometryError("Slicer could not resample the labelmap onto the segmentation's geometry")
+    return out
+
+
+def volume_on_grid(volume_node, segmentation_node, ijk_to_frame: np.ndarray, extent: Sequence[int]) -> np.ndarray:
+    """The volume's voxels on a grid of the segmentation's local frame, ``(K, J, I)`` over ``extent``, as
+    the Segment Editor aligns its source volume (linear interpolation in the volume's own scalar type,
+    the volume's background value outside it, parent transforms applied)."""
+    import slicer
+    from vtk.util import numpy_support
+
+    source = slicer.vtkOrientedImageData()
+    source.ShallowCopy(volume_node.GetImageData())
+    source.SetGeometryFromImageToWorldMatrix(to_vtk(ijk_to_ras(volume_node)))
+    transform = None
+    if volume_node.GetParentTransformNode() is not None or segmentation_node.GetParentTransformNode() is not None:
+        import vtk
+
+        local_to_world(volume_node), local_to_world(segmentation_node)  # refuse non-linear transforms clearly
+        transform = vtk.vtkGeneralTransform()
+        slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(
+            volume_node.GetParentTransformNode(), segmentation_node.GetParentTransformNode(), transform)
+    background = volume_node.GetImageBackgroundScalarComponentAsDouble(0)
+    aligned = resample_onto(source, ijk_to_frame, extent, linear=True, transform=transform, background=background)
+    ext = aligned.GetExtent()
+    values = numpy_support.vtk_to_numpy(aligned.GetPointData().GetScalars())
+    return values.reshape(ext[5] - ext[4] + 1, ext[3] - ext[2] + 1, ext[1] - ext[0] + 1)

@@ -9,8 +9,12 @@ prompt JSON or Slicer ``.mrk.json`` files) are converted on the volume's voxel s
 segments and propagates each object into a segment, and the segmentation is saved with Slicer's
 segmentation storage node (``.seg.nrrd``). Failures print one line saying what is wrong and exit non-zero.
 
-Also runs with plain Python where the ``slicer-core`` wheel is installed (a headless scene is set up).
-``main(argv)`` is importable for tests.
+Slicer reads ``-h``/``--help`` itself (it prints its own options and exits): ``--usage`` prints this script's
+options, or put ``--`` (Slicer's "ignore the rest") before the script's arguments, after which Slicer passes
+everything on unread: ``Slicer --no-main-window --python-script segment_volume.py -- --help``.
+
+Also runs with plain Python where the ``slicer-core`` wheel is installed (a headless scene is set up; there
+``-h``/``--help`` work as usual). ``main(argv)`` is importable for tests.
 """
 from __future__ import annotations
 
@@ -32,8 +36,19 @@ def _ensure_import_path() -> None:
                 sys.path.insert(0, str(candidate))
 
 
+USAGE_HINT = ("Slicer reads -h/--help itself: use --usage for this script's options, or put -- before the "
+              "script's arguments (Slicer --no-main-window --python-script segment_volume.py -- --help)")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors also say how to get the full help inside Slicer
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n{self.prog}: {USAGE_HINT}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="segment_volume.py", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="segment_volume.py", description=__doc__.split("\n\n")[0], epilog=USAGE_HINT)
+    p.add_argument("--usage", action="help", help="show this help message and exit (-h/--help outside Slicer)")
     p.add_argument("--input", required=True, help="volume file (NRRD, NIfTI, MHA...), a DICOM folder, or sample:chest-ct")
     p.add_argument("--prompts", required=True, nargs="+", help="prompt JSON and/or Slicer .mrk.json files")
     p.add_argument("--output", required=True, help="segmentation file to write (.seg.nrrd)")
@@ -167,8 +182,11 @@ def main(argv: Optional[Sequence[str]] = None, scene=None, loaded=None) -> int:
     """Parse ``argv`` and run; returns the exit code (0 ok, 1 failure, 2 bad input, 3 weights missing)."""
     _ensure_import_path()
     parser = build_parser()
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    if argv[:1] == ["--"]:  # Slicer consumes its "--" (ignore the rest); plain Python passes it on
+        argv = argv[1:]
     try:
-        args = parser.parse_args(list(argv) if argv is not None else None)
+        args = parser.parse_args(argv)
     except SystemExit as e:  # argparse already printed the usage message
         return EXIT_USAGE if e.code else EXIT_OK
     try:
