@@ -256,3 +256,38 @@ def bind_session(segmentation_node, segment_id: str, volume_node, runner, writer
         lambda: volumes.segment_mask(segmentation_node, segment_id, volume_node),
         show,
         lambda mask: writer.set_segment(segment_id, mask.reshape(shape)))
+
+
+class SessionRegistry:
+    """The propagate effect's sessions, one per (segmentation node, segment, source volume node).
+
+    Keyed by node *objects*: after a scene close Slicer reuses node IDs ("vtkMRMLSegmentationNode1"), so a
+    registry keyed by IDs would hand a new scene's node an old session (reading and writing an orphaned
+    node). :meth:`get` also refuses a session whose nodes left their scene; :meth:`clear` drops all (scene
+    close, source volume or reference geometry changed), cancelling runs in progress.
+    """
+
+    def __init__(self) -> None:
+        self._sessions: Dict[tuple, tuple] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, segmentation_node, segment_id: str, volume_node, make: Callable[[], PropagationSession]
+            ) -> PropagationSession:
+        key = (id(segmentation_node), segment_id, id(volume_node))
+        entry = self._sessions.get(key)
+        if entry is not None:
+            (seg, vol), session = entry
+            if seg is segmentation_node and vol is volume_node and seg.GetScene() is not None \
+                    and vol.GetScene() is not None:
+                return session
+            session.cancel()
+        session = make()
+        self._sessions[key] = ((segmentation_node, volume_node), session)
+        return session
+
+    def clear(self) -> None:
+        for _, session in self._sessions.values():
+            session.cancel()
+        self._sessions.clear()

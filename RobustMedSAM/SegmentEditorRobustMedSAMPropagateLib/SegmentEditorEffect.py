@@ -30,7 +30,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         scriptedEffect.perSegment = False
         scriptedEffect.requireSegments = True
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
-        self.sessions = {}     # (id(segmentation node), segment ID, id(volume node)) -> (nodes, session)
+        self.sessions = None   # RobustMedSAMLogic.propagation.SessionRegistry (created on first use)
         self.session = None
         self.preview = None
         self.active = False
@@ -171,9 +171,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def _forgetSessions(self):
         """Drop every session: after a scene close node IDs are reused, and a session made on another
         volume or geometry would read and write the wrong grid."""
-        for _, session in self.sessions.values():
-            session.cancel()
-        self.sessions = {}
+        if self.sessions is not None:
+            self.sessions.clear()
         self.session = None
         if self.preview is not None:
             self.preview.remove()
@@ -201,26 +200,24 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def _session(self):
         from RobustMedSAMLogic import segments
-        from RobustMedSAMLogic.propagation import bind_session, engine_runner
+        from RobustMedSAMLogic.propagation import SessionRegistry, bind_session, engine_runner
 
         segNode, segmentID, volumeNode = self._nodes()
         if segNode is None or not segmentID or volumeNode is None:
             raise ValueError("select a segmentation, a segment and a source volume")
-        key = (id(segNode), segmentID, id(volumeNode))
-        entry = self.sessions.get(key)
-        if entry is not None and (entry[0][0] is not segNode or entry[0][1] is not volumeNode
-                                  or segNode.GetScene() is None):
-            entry = None  # another node now has that identity
-        if entry is None:
+        if self.sessions is None:
+            self.sessions = SessionRegistry()
+
+        def make():
             writer = segments.SegmentWriter(segments.EffectAccess(self.scriptedEffect, segNode), segNode, volumeNode)
             if self.preview is not None:
                 self.preview.remove()
             self.preview = segments.PreviewSegmentation(slicer.mrmlScene, volumeNode, segNode)
             intensity = self._logic().settings().intensity
-            session = bind_session(segNode, segmentID, volumeNode, engine_runner(self._engine(), volumeNode, intensity),
-                                   writer, self.preview)
-            entry = self.sessions[key] = ((segNode, volumeNode), session)
-        return entry[1]
+            return bind_session(segNode, segmentID, volumeNode, engine_runner(self._engine(), volumeNode, intensity),
+                                writer, self.preview)
+
+        return self.sessions.get(segNode, segmentID, volumeNode, make)
 
     def _options(self, volumeNode):
         from RobustMedSAMLogic import volumes
