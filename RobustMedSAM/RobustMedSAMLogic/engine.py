@@ -57,6 +57,19 @@ def weights_status(model: str) -> Tuple[bool, Optional[Path], str]:
     return False, path, f"not downloaded yet (downloaded on first use into {path.parent})"
 
 
+def download_needed(choice: "ModelChoice") -> Optional[str]:
+    """Why loading ``choice`` would download weights (the weights status text), or None when it would not
+    (a checkpoint file, seeded test weights, or weights already cached)."""
+    if choice.model == CUSTOM_CHECKPOINT or choice.checkpoint:
+        return None
+    from RobustMedSAMLib.models import get_config
+
+    if get_config(choice.model).weights is None:
+        return None
+    cached, _, text = weights_status(choice.model)
+    return None if cached else text
+
+
 @dataclass(frozen=True)
 class ModelChoice:
     model: str = "robustmedsam"          # a MODELS name, or CUSTOM_CHECKPOINT

@@ -160,7 +160,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         """Load the model in the engine process (no popup). Weights are downloaded only when the user asks
         (this button or the module's), with progress; on activation only cached weights are loaded."""
         try:
-            from RobustMedSAMLogic.engine import CUSTOM_CHECKPOINT, weights_status
+            from RobustMedSAMLogic.engine import download_needed
             engine = self._engine()
         except Exception as e:  # engine package missing or broken: a message, not a traceback
             self._status(f"RobustMedSAM needs its Python packages: open the RobustMedSAM module and click "
@@ -171,15 +171,14 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if engine.is_loaded and not userRequested:
             self._status(engine.describe())
             return
-        choice = engine.choice
-        if not userRequested and choice.model != CUSTOM_CHECKPOINT and not choice.checkpoint:
+        if not userRequested:
             try:
-                cached, _, text = weights_status(choice.model)
+                missing = download_needed(engine.choice)
             except Exception as e:
                 self._status(str(e))
                 return
-            if not cached:
-                self._status(f"Model weights {text}. Click 'Download / load model'.")
+            if missing:
+                self._status(f"Model weights {missing}. Click 'Download / load model'.")
                 return
 
         def progress(request):
