@@ -706,7 +706,7 @@ class RobustMedSAMTest(ScriptedLoadableModuleTest):
         widget.setActiveEffectByName("RobustMedSAM Propagate")
         p = widget.activeEffect().self()
         p.thresholdSlider.value = 0.0
-        self._waitFor(lambda: engine.wait(engine.load(), 120).ok)
+        self.assertTrue(engine.wait(engine.load(), 120).ok)
         before = segments.snapshot(segNode, volumeNode)
         p.onPropagate()
         self._waitFor(lambda: p.session.request is not None and p.session.request.done >= 2)
