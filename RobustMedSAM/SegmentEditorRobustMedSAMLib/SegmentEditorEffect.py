@@ -199,7 +199,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 logging.error(getattr(request.error, "details", "") or str(request.error))
                 self._status(f"The model could not be loaded: {request.error}")
 
-        self.loadRequest = engine.load(allow_download=True, on_progress=progress, on_done=done)
+        try:
+            self.loadRequest = engine.load(allow_download=True, on_progress=progress, on_done=done)
+        except Exception as e:  # the engine process could not be started (PythonSlicer missing...)
+            logging.exception("RobustMedSAM")
+            self._status(f"The RobustMedSAM engine could not be started: {e}")
+            return
         self._status("starting the engine and loading the model...")
 
     # session ------------------------------------------------------------------------------------------
