@@ -272,7 +272,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 self._status(f"propagation failed, the segmentation is unchanged: {request.error}")
             self._updateButtons()
 
-        session.start(plan, progress, done)
+        try:
+            session.start(plan, progress, done)
+        except Exception as e:  # the engine could not be reached (not started, volume unreadable...)
+            logging.exception("RobustMedSAM Propagate")
+            self._status(f"propagation could not start, the segmentation is unchanged: {e}")
+            return
         self.progressBar.visible = session.running
         self.progressBar.value = 0
         what = "correction on slices " + ", ".join(map(str, plan.changed)) if plan.mode == "repropagate" else \
