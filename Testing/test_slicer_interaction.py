@@ -13,8 +13,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "RobustMedSAM"))
 
 from RobustMedSAMLib.prompts import Prediction  # noqa: E402
+from RobustMedSAMLogic.events import DragTracker  # noqa: E402
 from RobustMedSAMLogic.interaction import (  # noqa: E402
-    ERROR, IDLE, PENDING, PREVIEW, DragTracker, ObliqueViewError, OutsideVolumeError, PromptSession, PromptSet,
+    ERROR, IDLE, PENDING, PREVIEW, ObliqueViewError, OutsideVolumeError, PromptSession, PromptSet,
     SliceViewMapper, box_from_corners, nearest_voxel_axis)
 
 SHAPE = (12, 20, 30)  # (K, J, I)
@@ -274,7 +275,7 @@ def test_failed_answer_shows_the_error():
 def test_event_router_clicks_drags_double_click_and_keys():
     """Events as the effect forwards them: a double click (second press reported as a double click, no
     press) gives two points and is consumed; a drag gives a box; Shift removes; Esc is not claimed."""
-    from RobustMedSAMLogic.interaction import EventRouter
+    from RobustMedSAMLogic.events import EventRouter
 
     router = EventRouter()
     view = object()
@@ -362,3 +363,63 @@ def test_session_with_engine_and_slicer_segment(tiny_model):
     assert not result[[0, 1, 3]].any()
     assert writer.undo() and not volumes.segment_mask(seg, sid, vol).any()
     assert service.predictor.encoder_calls == 1  # the prefetched encoding served every prompt
+
+
+def test_prompt_points_are_drawn_only_in_views_showing_their_slice():
+    """The effect's drawing (VTK actors) with a real slice node: a point of slice k = 2 appears where the
+    view shows k = 2, at the view pixel the view maps it to, and nowhere else."""
+    slicer = pytest.importorskip("slicer")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("slicer-core is not installed")
+    import slicer.util
+
+    from RobustMedSAMLogic import volumes
+    from RobustMedSAMLogic.drawing import PromptDrawing
+    from RobustMedSAMLogic.headless import make_headless_scene
+
+    scene, _ = make_headless_scene()
+    vol = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    slicer.util.updateVolumeFromArray(vol, np.zeros((4, 20, 30), np.int16))
+    vol.SetIJKToRASMatrix(volumes.to_vtk(geometry()))
+
+    class View:
+        def __init__(self, k):
+            self.node = slicer.vtkMRMLSliceNode()
+            xy_to_ras = volumes.ijk_to_ras(vol) @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, k], [0, 0, 0, 1.0]])
+            self.node.GetXYToRAS().DeepCopy(volumes.to_vtk(xy_to_ras))
+
+        def sliceLogic(self):
+            return self
+
+        def GetSliceNode(self):
+            return self.node
+
+    class Effect:
+        def __init__(self):
+            self.added, self.rendered = [], 0
+
+        def addActor2D(self, view, actor):
+            self.added.append((view, actor))
+
+        def removeActor2D(self, view, actor):
+            self.added.remove((view, actor))
+
+        def scheduleRender(self, view):
+            self.rendered += 1
+
+    effect = Effect()
+    drawing = PromptDrawing(effect)
+    shown, other = View(2), View(3)
+    prompts = PromptSet(0, 2, (20, 30))
+    prompts.add_point((7, 5))
+    prompts.add_point((9, 11), positive=False)
+    drawing.points([shown, other], prompts, vol)
+    glyphs = {view: drawing.actors[view][2] for view in (shown, other)}
+    positive, negative = glyphs[shown][True][1], glyphs[shown][False][1]
+    assert positive.GetNumberOfPoints() == 1 and negative.GetNumberOfPoints() == 1
+    np.testing.assert_allclose(positive.GetPoint(0)[:2], (7, 5), atol=1e-9)
+    assert glyphs[other][True][1].GetNumberOfPoints() == 0 and glyphs[other][False][1].GetNumberOfPoints() == 0
+    drawing.band(shown, (1, 2, 5, 6))
+    assert drawing.actors[shown][0].GetVisibility() == 1 and drawing.actors[shown][1].GetNumberOfPoints() == 5
+    drawing.remove_all()
+    assert effect.added == [] and drawing.actors == {}

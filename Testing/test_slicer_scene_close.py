@@ -130,7 +130,8 @@ def test_propagate_sessions_do_not_survive_a_scene_close_with_reused_ids(scene):
 
 def test_double_click_gives_two_points_on_a_volume_slice(scene):
     """Slice-view events through the router and the view mapper onto a real volume node's voxel slice."""
-    from RobustMedSAMLogic.interaction import EventRouter, PromptSession, SliceViewMapper
+    from RobustMedSAMLogic.events import EventRouter
+    from RobustMedSAMLogic.interaction import PromptSession, SliceViewMapper
 
     vol, _ = add_nodes(scene)
     ijk_to_ras = volumes.ijk_to_ras(vol)

@@ -12,14 +12,13 @@ RAS``) supplied by the effect, so everything below runs and is tested without a 
   voxel slice through the point (the nearest slice along that axis), i.e. the prompt is projected along
   the voxel axis. Beyond that angle :class:`ObliqueViewError` asks the user to align the view ("Reset
   field of view"/"Rotate to volume plane" in the slice view's menu).
-* :class:`DragTracker` -- press/move/release in view pixels -> click or box drag (any direction).
 * :func:`box_from_corners` -- two slice positions -> normalised exclusive box ``(x0, y0, x1, y1)``.
 * :class:`PromptSet` -- the prompt list on one slice: add/remove/undo last/clear, -> engine ``Prompt``.
 * :class:`PromptSession` -- the effect's state machine: prompts -> prediction request -> preview (when the
   engine answers; stale answers ignored) -> apply (writes the selected segment) or cancel (drops it);
   multimask choice; background prefetch.
-* :class:`EventRouter` -- Segment Editor interaction events (press, move, release, double click, keys) ->
-  prompt actions, so that the effect's event handler is a thin forwarder.
+
+Slice-view events (press, release, double click, keys) become prompt actions in :mod:`.events`.
 """
 from __future__ import annotations
 
@@ -144,61 +143,6 @@ def box_from_corners(a: Tuple[float, float], b: Tuple[float, float], slice_shape
     x0, x1 = int(np.clip(xs.min(), 0, w - 1)), int(np.clip(xs.max(), 0, w - 1)) + 1
     y0, y1 = int(np.clip(ys.min(), 0, h - 1)), int(np.clip(ys.max(), 0, h - 1)) + 1
     return np.array([x0, y0, x1, y1], dtype=np.float64)
-
-
-class DragTracker:
-    """Press / move / release in view pixels -> a click or a drag rectangle.
-
-    A release closer than ``threshold`` view pixels to the press is a click. :attr:`rectangle` is the current
-    rubber band ``(x0, y0, x1, y1)`` in view pixels (normalised, for drawing).
-    """
-
-    def __init__(self, threshold: float = 4.0) -> None:
-        self.threshold = float(threshold)
-        self.start: Optional[Tuple[float, float]] = None
-        self.current: Optional[Tuple[float, float]] = None
-        self.modifier = False
-
-    @property
-    def active(self) -> bool:
-        return self.start is not None
-
-    def press(self, xy: Sequence[float], modifier: bool = False) -> None:
-        self.start = self.current = (float(xy[0]), float(xy[1]))
-        self.modifier = bool(modifier)
-
-    def move(self, xy: Sequence[float]) -> bool:
-        """Update the drag; True if it is (now) a drag, i.e. the rubber band should be shown."""
-        if self.start is None:
-            return False
-        self.current = (float(xy[0]), float(xy[1]))
-        return self.is_drag
-
-    @property
-    def is_drag(self) -> bool:
-        if self.start is None or self.current is None:
-            return False
-        return math.hypot(self.current[0] - self.start[0], self.current[1] - self.start[1]) >= self.threshold
-
-    @property
-    def rectangle(self) -> Optional[Tuple[float, float, float, float]]:
-        if self.start is None or self.current is None:
-            return None
-        (xa, ya), (xb, yb) = self.start, self.current
-        return (min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb))
-
-    def release(self, xy: Sequence[float]) -> Tuple[str, Tuple[float, float], Tuple[float, float]]:
-        """End the gesture: ``("click", start, start)`` or ``("drag", start, end)``."""
-        if self.start is None:
-            raise InteractionError("release without press")
-        self.current = (float(xy[0]), float(xy[1]))
-        kind = "drag" if self.is_drag else "click"
-        start, end = self.start, self.current
-        self.start = self.current = None
-        return kind, start, end if kind == "drag" else start
-
-    def cancel(self) -> None:
-        self.start = self.current = None
 
 
 # -------------------------------------------------------------------------------------- prompt set
@@ -473,69 +417,3 @@ class PromptSession:
         """The view now shows slice ``index`` along ``axis``: start encoding it in the background."""
         if self._prefetch is not None:
             self._prefetch(axis, index)
-
-
-# ------------------------------------------------------------------------------------------ events
-PRESS, MOVE, RELEASE, DOUBLE_CLICK, RIGHT_PRESS, KEY = "press", "move", "release", "double_click", "right_press", "key"
-#: keys the prompt effect handles (Esc is Slicer's shortcut for leaving the effect: it never reaches us, and
-#: leaving the effect drops the prompts anyway)
-KEY_ACTIONS = {"Return": "apply", "KP_Enter": "apply", "BackSpace": "undo", "n": "next"}
-
-
-@dataclass(frozen=True)
-class Action:
-    """What an event asks for: ``kind`` "point" (``xy``, ``positive``), "box" (``xy`` to ``end``), "remove"
-    (``xy``), "band" (rubber band ``rect`` in view pixels, or None to hide it), "apply", "undo", "next"."""
-
-    kind: str
-    xy: Optional[Tuple[float, float]] = None
-    end: Optional[Tuple[float, float]] = None
-    positive: bool = True
-    rect: Optional[Tuple[float, float, float, float]] = None
-
-
-class EventRouter:
-    """Slice-view events of the prompt effect -> :class:`Action` lists, per view (GUI-free).
-
-    Left press + release = click (object point; Ctrl = background point; Shift = remove the nearest point),
-    left drag = box, right press = background point. A double click arrives without a press (the second
-    press of a double click is reported as ``double_click``): it starts a click like a press, so a quick
-    double click gives two points, and is consumed (otherwise Slicer maximizes the view).
-    Returns ``(consumed, actions)``; consumed events must not reach Slicer's own handlers.
-    """
-
-    def __init__(self, drag_threshold: float = 4.0) -> None:
-        self.drag_threshold = float(drag_threshold)
-        self._drags: dict = {}
-        self._shift: dict = {}
-
-    def reset(self) -> None:
-        self._drags.clear()
-        self._shift.clear()
-
-    def handle(self, view, kind: str, xy: Sequence[float], control: bool = False, shift: bool = False,
-               key: str = "") -> Tuple[bool, List[Action]]:
-        xy = (float(xy[0]), float(xy[1]))
-        drag = self._drags.setdefault(view, DragTracker(self.drag_threshold))
-        if kind == KEY:
-            action = KEY_ACTIONS.get(key)
-            return (True, [Action(action)]) if action else (False, [])
-        if kind in (PRESS, DOUBLE_CLICK):
-            drag.press(xy, modifier=control)
-            self._shift[view] = bool(shift)
-            return True, []
-        if kind == MOVE:
-            if not drag.active:
-                return False, []
-            return True, ([Action("band", rect=drag.rectangle)] if drag.move(xy) else [])
-        if kind == RIGHT_PRESS:
-            return True, [Action("point", xy, positive=False)]
-        if kind == RELEASE and drag.active:
-            negative = drag.modifier
-            gesture, start, end = drag.release(xy)
-            if gesture == "drag":
-                return True, [Action("band"), Action("box", start, end)]
-            if self._shift.pop(view, False):
-                return True, [Action("remove", start)]
-            return True, [Action("point", start, positive=not negative)]
-        return False, []

@@ -14,12 +14,13 @@ undo last prompt, N = next candidate mask (Esc is Slicer's: it leaves the effect
 import logging
 import os
 
-import numpy as np
 import qt
 import vtk
 
 import slicer
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
+
+from RobustMedSAMLogic.drawing import PromptDrawing
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -35,7 +36,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.preview = None
         self.writer = None
         self.router = None     # RobustMedSAMLogic.interaction.EventRouter
-        self.actors = {}       # view widget -> (rubber band actor, points, prompt glyph actors)
+        self.drawing = PromptDrawing(scriptedEffect)  # rubber band and prompt points in the slice views
         self.loadRequest = None
         self.active = False
 
@@ -115,7 +116,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     # lifecycle ---------------------------------------------------------------------------------------
     def activate(self):
-        from RobustMedSAMLogic.interaction import EventRouter
+        from RobustMedSAMLogic.events import EventRouter
 
         self.active = True
         self.router = EventRouter()
@@ -129,8 +130,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if self.session is not None:
             self.session.cancel()  # an answer still on its way is ignored
         self._removePreview()
-        for viewWidget in list(self.actors):
-            self._removeActors(viewWidget)
+        self.drawing.remove_all()
         if self.router is not None:
             self.router.reset()
 
@@ -414,93 +414,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return True
 
     # drawing ----------------------------------------------------------------------------------------
-    def _actorsFor(self, viewWidget):
-        if viewWidget not in self.actors:
-            points = vtk.vtkPoints()
-            poly = vtk.vtkPolyData()
-            poly.SetPoints(points)
-            mapper = vtk.vtkPolyDataMapper2D()
-            mapper.SetInputData(poly)
-            band = vtk.vtkActor2D()
-            band.SetMapper(mapper)
-            band.GetProperty().SetColor(1.0, 0.85, 0.1)
-            band.GetProperty().SetLineWidth(2)
-            band.VisibilityOff()
-            self.scriptedEffect.addActor2D(viewWidget, band)
-            glyphs = {}
-            for positive, color in ((True, (0.2, 0.9, 0.2)), (False, (0.95, 0.2, 0.2))):
-                pts = vtk.vtkPoints()
-                pd = vtk.vtkPolyData()
-                pd.SetPoints(pts)
-                source = vtk.vtkGlyphSource2D()
-                source.SetGlyphTypeToCircle() if positive else source.SetGlyphTypeToCross()
-                source.SetScale(10)
-                source.FilledOff()
-                glyph = vtk.vtkGlyph2D()
-                glyph.SetInputData(pd)
-                glyph.SetSourceConnection(source.GetOutputPort())
-                gm = vtk.vtkPolyDataMapper2D()
-                gm.SetInputConnection(glyph.GetOutputPort())
-                actor = vtk.vtkActor2D()
-                actor.SetMapper(gm)
-                actor.GetProperty().SetColor(*color)
-                actor.GetProperty().SetLineWidth(2)
-                self.scriptedEffect.addActor2D(viewWidget, actor)
-                glyphs[positive] = (actor, pts, pd)
-            self.actors[viewWidget] = (band, poly, glyphs)
-        return self.actors[viewWidget]
-
     def _showRubberBand(self, viewWidget, rect):
-        band, poly, _ = self._actorsFor(viewWidget)
-        if rect is None:
-            band.VisibilityOff()
-        else:
-            x0, y0, x1, y1 = rect
-            points = vtk.vtkPoints()
-            for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)):
-                points.InsertNextPoint(x, y, 0)
-            lines = vtk.vtkCellArray()
-            lines.InsertNextCell(5)
-            for n in range(5):
-                lines.InsertCellPoint(n)
-            poly.SetPoints(points)
-            poly.SetLines(lines)
-            poly.Modified()
-            band.VisibilityOn()
-        self.scriptedEffect.scheduleRender(viewWidget)
+        self.drawing.band(viewWidget, rect)
 
     def _updatePromptActors(self):
         """Draw the current prompt points (green: object, red: background) in every slice view."""
-        from RobustMedSAMLib.volume_io import slice_to_ijk
-
-        from RobustMedSAMLogic import volumes
-
-        s = self.session
         psn = self.scriptedEffect.parameterSetNode()
         volumeNode = psn.GetSourceVolumeNode() if psn else None
-        for viewWidget in self._sliceWidgets():
-            _, _, glyphs = self._actorsFor(viewWidget)
-            for actor, pts, pd in glyphs.values():
-                pts.Reset()
-            if s is not None and s.prompts is not None and volumeNode is not None:
-                ijkToWorld = volumes.local_to_world(volumeNode) @ volumes.ijk_to_ras(volumeNode)
-                sliceNode = viewWidget.sliceLogic().GetSliceNode()
-                rasToXy = np.linalg.inv(volumes.to_numpy(sliceNode.GetXYToRAS()))
-                for x, y, positive in s.prompts.points:
-                    ijk = slice_to_ijk(s.prompts.axis, s.prompts.index, [[x, y]])[0]
-                    ras = ijkToWorld @ [ijk[0], ijk[1], ijk[2], 1.0]
-                    xyz = rasToXy @ ras
-                    if abs(xyz[2]) < 0.5:  # only on the slice being shown
-                        glyphs[positive][1].InsertNextPoint(xyz[0], xyz[1], 0)
-            for actor, pts, pd in glyphs.values():
-                pd.Modified()
-            self.scriptedEffect.scheduleRender(viewWidget)
-
-    def _removeActors(self, viewWidget):
-        band, poly, glyphs = self.actors.pop(viewWidget)
-        self.scriptedEffect.removeActor2D(viewWidget, band)
-        for actor, _, _ in glyphs.values():
-            self.scriptedEffect.removeActor2D(viewWidget, actor)
+        prompts = self.session.prompts if self.session is not None else None
+        self.drawing.points(self._sliceWidgets(), prompts, volumeNode)
 
     def _removePreview(self):
         if self.preview is not None:
