@@ -15,7 +15,8 @@ import pytest
 
 from RobustMedSAMLib.prompt_files import ObjectPrompts
 from RobustMedSAMLib.prompts import Prediction, Prompt
-from RobustMedSAMLib.worker.client import EngineError, InProcessClient, WorkerClient, WorkerDied
+from RobustMedSAMLib.worker.client import EngineError, WorkerClient, WorkerDied
+from RobustMedSAMLib.worker.inprocess import InProcessClient
 from RobustMedSAMLib.worker.connection import EngineConnection, ModelSpec
 from RobustMedSAMLib.worker.protocol import FrameReader, ProtocolError, frame_bytes
 from RobustMedSAMLib.worker.service import EngineService

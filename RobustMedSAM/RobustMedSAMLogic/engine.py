@@ -21,7 +21,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from RobustMedSAMLib.worker.client import InProcessClient, Request, WorkerClient
+from RobustMedSAMLib.worker.client import Request, WorkerClient
+from RobustMedSAMLib.worker.inprocess import InProcessClient
 from RobustMedSAMLib.worker.connection import EngineConnection, ModelSpec
 
 from . import volumes

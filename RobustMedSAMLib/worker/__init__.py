@@ -11,7 +11,8 @@ own Python (``PythonSlicer``) and talk to it over its standard input/output pipe
   prefetch, propagate, repropagate, segment a volume, robustness check). Runs in the worker (or in-process).
 * :mod:`.server` -- the worker process's loop: a reader thread, one job thread, latest-wins prefetching,
   cancellation, progress (``python -m RobustMedSAMLib.worker``).
-* :mod:`.client` -- :class:`~.client.WorkerClient` (starts the worker, non-blocking :meth:`poll`, restarts
-  it after a crash) and :class:`~.client.InProcessClient` (same interface, same handlers, no process: batch
-  scripts and tests). torch is never imported on the client side.
+* :mod:`.client` -- :class:`~.client.WorkerClient` (starts the worker, non-blocking ``poll``, restarts it
+  after a crash); :mod:`.inprocess` -- :class:`~.inprocess.InProcessClient` (same interface, same handlers,
+  no process: batch scripts and tests); :mod:`.connection` -- what a front end keeps of the worker (model
+  choice, volumes, debounced prefetch). torch is never imported on the client side.
 """

@@ -8,9 +8,7 @@ blocking form for scripts and tests. When the worker dies (killed, out of memory
 request fails with :class:`WorkerDied`, naming the exit code and the last lines of the worker's log; the
 next request starts a fresh worker (:attr:`generation` counts the starts).
 
-:class:`InProcessClient` has the same interface and runs the same :class:`~.service.EngineService` handlers
-in the calling thread (batch mode, tests); requests still travel through the wire codec, so what works here
-is what the worker can carry.
+:class:`~.inprocess.InProcessClient` has the same interface without a process (batch mode, tests).
 """
 from __future__ import annotations
 
@@ -25,7 +23,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 
-from .protocol import FrameReader, decode_body, encode_frame, frame_bytes
+from .protocol import FrameReader, encode_frame
 
 PENDING, OK, ERROR, CANCELLED, DROPPED = "pending", "ok", "error", "cancelled", "dropped"
 ENGINE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding the RobustMedSAMLib package
@@ -389,83 +387,6 @@ class WorkerClient(_BaseClient):
             self.process.kill()
         if self.process is not None:
             self.poll()
-
-
-class InProcessClient(_BaseClient):
-    """The :class:`WorkerClient` interface over an :class:`~.service.EngineService` in this process.
-
-    ``submit`` runs the request at once (in the calling thread; progress callbacks are called as it goes) but,
-    like the worker, calls ``on_done`` from :meth:`poll`/:meth:`wait` only. Fields and results pass through the wire codec (``roundtrip``).
-    """
-
-    def __init__(self, service=None, roundtrip: bool = True) -> None:
-        super().__init__()
-        if service is None:
-            from .service import EngineService
-
-            service = EngineService()
-        self.service = service
-        self.roundtrip = roundtrip
-        self.generation = 1
-        self._replies: Deque[Dict[str, Any]] = deque()
-
-    alive = True
-
-    def _through_wire(self, value):
-        if not self.roundtrip:
-            return value
-        data = frame_bytes(value)
-        header_length = int.from_bytes(data[4:12], "little")
-        return decode_body(bytearray(data[20:]), header_length)
-
-    def submit(self, kind, fields=None, on_progress=None, on_done=None) -> Request:
-        from .server import CANCELLATIONS
-        from .service import JobContext
-
-        request = Request(self, next(self._ids), kind, dict(fields or {}), on_progress, on_done)
-        self._pending[request.id] = request
-        ctx = JobContext(lambda d, t=None, m="": request._progress(float(d), t, m),  # live: same thread
-                         lambda: getattr(request, "_cancel_asked", False))
-        try:
-            result = self.service.handle(kind, self._through_wire(request.fields), ctx)
-            reply = {"type": "reply", "id": request.id, "status": OK, "result": result}
-        except Exception as exc:  # noqa: BLE001 - reported through the request, as the worker does
-            import traceback
-
-            status = CANCELLED if type(exc).__name__ in CANCELLATIONS else ERROR
-            reply = {"type": "reply", "id": request.id, "status": status,
-                     "error": {"type": type(exc).__name__, "message": str(exc) or type(exc).__name__,
-                               "traceback": traceback.format_exc()}}
-            request._original = exc
-        self._replies.append(self._through_wire(reply))
-        return request
-
-    def _dispatch(self, message: Dict[str, Any]) -> None:
-        request = self._pending.get(message.get("id"))
-        super()._dispatch(message)
-        if request is not None and request.error is not None and getattr(request, "_original", None) is not None:
-            request.error.original = request._original
-
-    def cancel(self, request: Request) -> None:
-        request._cancel_asked = True
-
-    def poll(self, budget: float = 0.01, chunk: int = 0) -> int:
-        while self._replies:
-            self._dispatch(self._replies.popleft())
-        return self.pending
-
-    def wait(self, request: Request, timeout: Optional[float] = None) -> Request:
-        self.poll()
-        return request
-
-    def unload(self, timeout: float = 0.0) -> bool:
-        self.service.close()
-        self.service.loaded = None
-        self.service.load_key = None
-        return True
-
-    def close(self) -> None:
-        self.poll()
 
 
 def wait_all(client, requests: Sequence[Request], timeout: Optional[float] = None) -> List[Request]:

@@ -20,7 +20,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from .client import InProcessClient, Request
+from .client import Request
+from .inprocess import InProcessClient
 
 
 @dataclass(frozen=True)
