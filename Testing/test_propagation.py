@@ -7,6 +7,9 @@ The segmenters here are deterministic stand-ins for the model:
   prompt. It records every (index, prompt) it was asked.
 * ``Echo``: returns the reference slice whatever the prompt (to check who prompted whom).
 Both can return a fixed predicted IoU per slice.
+
+These tests pin micro-sam's algorithm (``stop_rule="micro-sam"``, micro-sam's own option defaults); the
+consistency rule, the default, is tested in ``test_stop_rules.py``.
 """
 from __future__ import annotations
 
@@ -20,8 +23,19 @@ from scipy import ndimage
 from RobustMedSAMLib.mask_prompts import (parse_projection, peak_local_max, points_from_mask,
                                           prompt_from_mask)
 from RobustMedSAMLib.prompts import Prediction, box_from_mask
-from RobustMedSAMLib.propagation import (PropagationCancelled, PropagationResult, SliceSegmenter,
-                                         compute_iou, propagate, repropagate)
+from RobustMedSAMLib import propagation as _propagation
+from RobustMedSAMLib.propagation import PropagationCancelled, PropagationResult, SliceSegmenter, compute_iou
+
+MICRO_SAM = {"stop_rule": "micro-sam", "projection": "mask"}
+
+
+def propagate(segmenter, seeds, **kwargs):
+    """micro-sam's rule and defaults (box + mask projection, IoU 0.5, box extension 0.025)."""
+    return _propagation.propagate(segmenter, seeds, **{**MICRO_SAM, **kwargs})
+
+
+def repropagate(segmenter, previous, index, new_mask, **kwargs):
+    return _propagation.repropagate(segmenter, previous, index, new_mask, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -98,8 +98,10 @@ def test_propagation_from_one_slice_reproduces_every_segment(variants, variant, 
         value = next(v for v, n in names.items() if n == obj.name)
         oracle = OraclePredictor(images, labels == value, axis=0)
         # 10 mm slices: some segments overlap only ~3 % between neighbours at their ends, so this geometry
-        # test stops on empty predictions only (iou_threshold 0); the IoU rule has its own tests.
-        result = segment_volume(volume, [obj], oracle, axis=0, images=images, box_extension=0.1, iou_threshold=0)
+        # test stops on empty predictions only (micro-sam's rule, iou_threshold 0); the stop rules have their
+        # own tests. The stand-in recognises native slices: no square-pixel resampling (tested on its own).
+        result = segment_volume(volume, [obj], oracle, axis=0, images=images, box_extension=0.1, iou_threshold=0,
+                                stop_rule="micro-sam", square_pixels=False)
         dice = _dice(result.objects[0].mask, labels == value)
         assert dice >= 0.95, f"{variant}: {obj.name} Dice {dice:.3f}"
         # each direction stops by itself: at most the object's extent + one rejected slice per side
@@ -126,7 +128,8 @@ def test_other_slice_axes(variants, axis, tmp_path):
     lung = {5: names[5]}
     objects = read_prompts(_prompts_file(volume, labels, lung, tmp_path / "p.json", axis=axis), volume, axis=axis)
     result = segment_volume(volume, objects, OraclePredictor(images, labels == 5, axis), axis=axis,
-                            images=images, box_extension=0.1, iou_threshold=0)
+                            images=images, box_extension=0.1, iou_threshold=0, stop_rule="micro-sam",
+                            square_pixels=False)
     assert _dice(result.objects[0].mask, labels == 5) >= 0.95
 
 
