@@ -211,6 +211,47 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate_volume(args: argparse.Namespace) -> int:
+    from .field_evaluation import field_evaluation, to_csv, to_markdown, write_png
+    from .predictor import EncodingCache, Predictor
+    from .progress import TextProgressBar
+    from .samples import PREFIX, resolve
+    from .segmentation_io import read_segmentation
+    from .volume_io import read_volume
+
+    reference_path = args.reference
+    if reference_path is None:
+        if str(args.volume) != f"{PREFIX}chest-ct":
+            raise ValueError("give the reference segmentation: --reference SEG (.seg.nrrd or a label volume)")
+        reference_path = f"{PREFIX}chest-ct-segmentation"
+    if args.output_dir is not None:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    volume = read_volume(resolve(args.volume))
+    reference = read_segmentation(resolve(reference_path), reference=volume)
+    windows = {name: _window(w) for name, w in args.segment_window or []}
+    loaded, robust = load_from_args(args)
+    cache = EncodingCache(max_bytes=int(args.cache_mb * 2**20), disk_dir=args.cache_dir)
+    predictor = Predictor(loaded, cache, robust=robust)
+    bar = TextProgressBar("evaluating", unit="segments")
+    evaluation = field_evaluation(volume, reference, predictor, segments=args.segments, axis=args.axis or 0,
+                                  modality=args.modality, window=_window(args.window), windows=windows,
+                                  progress=lambda done, total, _name: bar(done, total), **_propagation_options(args))
+    bar.close()
+    table = to_markdown(evaluation)
+    print(table, end="")
+    if args.output_dir is not None:
+        from .image_io import write_text
+        from .intensity import intensity_mapping
+
+        write_text(args.output_dir / "field_evaluation.md", table)
+        write_text(args.output_dir / "field_evaluation.csv", to_csv(evaluation))
+        images = intensity_mapping(volume.array, modality=args.modality, window=_window(args.window)).apply(volume.array)
+        write_png(args.output_dir / "field_evaluation.png", volume, evaluation, images=images)
+        print(f"wrote field_evaluation.md, .csv and .png in {args.output_dir} ({predictor.encoder_calls} slices "
+              "encoded)")
+    return 0
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     import os
 
@@ -374,6 +415,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--csv", type=Path, help="also write the rows as CSV")
     p.set_defaults(func=cmd_robustness)
+
+    p = sub.add_parser("evaluate-volume", help="field evaluation on an annotated scan: Dice per reference segment "
+                                              "(box on every slice, one box, three boxes + propagation)")
+    p.add_argument("volume", help="NIfTI, NRRD, MHA or a DICOM folder; sample:chest-ct for the sample CT")
+    p.add_argument("--reference", help="reference segmentation on the volume's grid (.seg.nrrd or label volume); "
+                                       "sample:chest-ct comes with its own")
+    p.add_argument("--segments", nargs="+", metavar="NAME", help="reference segments to evaluate (default all)")
+    p.add_argument("--axis", default=None, help="slice axis: k (default), j, i, axial, coronal, sagittal")
+    p.add_argument("--window", help="CT window for all segments (default wide) or LEVEL,WIDTH")
+    p.add_argument("--segment-window", nargs=2, action="append", metavar=("SEGMENT", "WINDOW"),
+                   help="a CT window for one segment (repeat)")
+    p.add_argument("--modality", choices=["CT", "MR", "other"], help="override the guessed modality")
+    _add_propagation_args(p)
+    p.add_argument("--output-dir", type=Path, help="write field_evaluation.md, .csv and .png here")
+    p.add_argument("--cache-mb", type=float, default=2048, help="in-memory encoding cache cap (MB)")
+    p.add_argument("--cache-dir", type=Path, help="also keep encodings on disk here (reused by later runs)")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_evaluate_volume)
 
     p = sub.add_parser("batch", help="segment many volumes (folder or CSV manifest); shards with torchrun")
     p.add_argument("--manifest", type=Path, help="CSV with columns volume, prompts, output [, axis, window, modality]")
