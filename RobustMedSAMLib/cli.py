@@ -92,6 +92,9 @@ def _add_volume_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", help="CT window: wide (default for CT: -1000..1000 HU), soft_tissue, lung, bone, "
                                     "brain or LEVEL,WIDTH")
     p.add_argument("--modality", choices=["CT", "MR", "other"], help="override the guessed modality")
+    p.add_argument("--square-pixels", action="store_true",
+                   help="resample slices with non-square pixels (e.g. coronal views of thick-slice CT) to square "
+                        "pixels for the model; results stay on the voxel grid")
     p.add_argument("--cache-mb", type=float, default=2048, help="in-memory encoding cache cap (MB)")
     p.add_argument("--fp16-cache", action="store_true", help="store cached encodings as float16")
     p.add_argument("--cache-dir", type=Path, help="also keep encodings on disk here (reused by later runs)")
@@ -139,7 +142,8 @@ def _volume_predictor(args: argparse.Namespace):
 
     loaded, robust = load_from_args(args)
     cache = EncodingCache(max_bytes=int(args.cache_mb * 2**20), fp16=args.fp16_cache, disk_dir=args.cache_dir)
-    options = dict(_propagation_options(args), slice_range=tuple(args.slice_range) if args.slice_range else None)
+    options = dict(_propagation_options(args), slice_range=tuple(args.slice_range) if args.slice_range else None,
+                   square_pixels=args.square_pixels)
     return Predictor(loaded, cache, robust=robust), options
 
 
@@ -235,6 +239,7 @@ def cmd_evaluate_volume(args: argparse.Namespace) -> int:
     bar = TextProgressBar("evaluating", unit="segments")
     evaluation = field_evaluation(volume, reference, predictor, segments=args.segments, axis=args.axis or 0,
                                   modality=args.modality, window=_window(args.window), windows=windows,
+                                  square_pixels=args.square_pixels,
                                   progress=lambda done, total, _name: bar(done, total), **_propagation_options(args))
     bar.close()
     table = to_markdown(evaluation)
@@ -427,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment-window", nargs=2, action="append", metavar=("SEGMENT", "WINDOW"),
                    help="a CT window for one segment (repeat)")
     p.add_argument("--modality", choices=["CT", "MR", "other"], help="override the guessed modality")
+    p.add_argument("--square-pixels", action="store_true", help="resample non-square slices to square pixels")
     _add_propagation_args(p)
     p.add_argument("--output-dir", type=Path, help="write field_evaluation.md, .csv and .png here")
     p.add_argument("--cache-mb", type=float, default=2048, help="in-memory encoding cache cap (MB)")

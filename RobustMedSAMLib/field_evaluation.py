@@ -156,7 +156,7 @@ def evaluate_segment(segmenter: VolumeSegmenter, name: str, reference: np.ndarra
 def field_evaluation(volume: Volume, reference: Union[Segmentation, Mapping[str, np.ndarray]], predictor, *,
                      segments: Optional[Sequence[str]] = None, axis: AxisLike = 0, modality: Optional[str] = None,
                      window: Optional[WindowLike] = None, windows: Optional[Mapping[str, WindowLike]] = None,
-                     square_pixels: bool = True, progress: Optional[Callable[[int, int, str], None]] = None,
+                     square_pixels: bool = False, progress: Optional[Callable[[int, int, str], None]] = None,
                      **options) -> FieldEvaluation:
     """Evaluate every (or each named) reference segment; see the module docstring.
 
@@ -167,6 +167,7 @@ def field_evaluation(volume: Volume, reference: Union[Segmentation, Mapping[str,
         segments: names to evaluate (default: all). axis: slice axis.
         modality, window: the intensity mapping for all segments (default: guessed modality; CT: ``wide``);
             ``windows`` maps segment names to their own CT window.
+        square_pixels: resample non-square slices to square pixels for the model (see ``segment_volume``).
         options: propagation options (``stop_rule``, ``iou_threshold``, ``projection``, ``box_extension``).
         progress: ``progress(done, total, segment name)`` per segment.
     """

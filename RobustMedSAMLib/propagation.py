@@ -449,7 +449,7 @@ class _Runner:
     def _fill_gap_consistent(self, seg: _Segment) -> None:
         """Consistency rule: walk from the seed with the larger mask (more shape to carry) towards the other,
         judged by the rule; where it stops, walk back from the other seed over the slices left. Slices both
-        walks reject stay empty (listed in ``gap_stops``)."""
+        walks reject stay empty; both rejections are listed in ``gap_stops``."""
         a, b = seg.start, seg.end
         if seg.mode == "from_upper":
             first = b
@@ -463,9 +463,11 @@ class _Runner:
         if stop is None:
             return
         if seg.mode == "both":
-            _, stop = self._walk(other, reached + step, -step, "interpolated")
-        if stop is not None:
-            self.gap_stops.append(stop)
+            _, back = self._walk(other, reached + step, -step, "interpolated")
+            if back is None:
+                return  # the other side filled what was left
+            self.gap_stops.append(back)
+        self.gap_stops.append(stop)
 
 
 def _run(segmenter, masks, records, stops, segments, opts, progress, cancel) -> _Runner:

@@ -669,3 +669,13 @@ def test_repropagate_erased_slice_inside_a_gap():
     assert np.array_equal(res.masks[:9], two.masks[:9]) and np.array_equal(res.masks[16:], two.masks[16:])
     assert res.options["stop_lower"] is False and res.options["stop_upper"] is False
     _assert_same(res, propagate(Oracle(ref), {8: ref[8], 12: empty, 16: ref[16]}, iou_threshold=0.0))
+
+
+def test_box_from_mask_rounds_halves_up():
+    """docs/coordinates.md: floor(v + 0.5), not Python's round() (halves to even: round(2.5) == 2)."""
+    mask = np.zeros((20, 20), bool)
+    mask[4:14, 3:8] = True  # width 5, height 10: a 0.1 extension is 0.5 and 1 pixel
+    np.testing.assert_array_equal(box_from_mask(mask, 0.1), [3, 3, 9, 15])  # 2.5 -> 3, 8.5 -> 9
+    mask[:] = False
+    mask[5:15, 4:9] = True
+    np.testing.assert_array_equal(box_from_mask(mask, 0.1), [4, 4, 10, 16])  # 3.5 -> 4, 9.5 -> 10
