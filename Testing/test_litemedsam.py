@@ -139,3 +139,28 @@ def test_parity_with_the_official_recipe(lite_model, official_net, chest, name, 
     np.testing.assert_allclose(pred.logits[0], logits_ref, atol=1e-4, rtol=0)
     np.testing.assert_array_equal(pred.mask, 1 / (1 + np.exp(-logits_ref.astype(np.float64))) > 0.5)
     assert pred.mask.sum() > 0.3 * mask.sum()  # a real segmentation, not an empty or tiny mask
+
+
+def test_segment_and_evaluate_commands_take_litemedsam(chest, tmp_path, capsys):
+    """`segment` (2D) and `evaluate` (datasets) run the real model by name."""
+    from PIL import Image
+
+    from RobustMedSAMLib.cli import main
+    from Training.synthetic import write_medsegbench_npz
+
+    volume, _, ref = chest
+    png = tmp_path / "slice.png"
+    Image.fromarray(to_uint8(volume.array, window="wide")[20]).save(png)
+    rows, cols = np.nonzero(ref["left lung"][20])
+    box = [str(v) for v in (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)]
+    assert main(["segment", str(png), "--box", *box, "--model", "litemedsam", "--device", "cpu",
+                 "--output", str(tmp_path / "mask.png")]) == 0
+    mask = np.asarray(Image.open(tmp_path / "mask.png")) > 0
+    lung = ref["left lung"][20]
+    assert 2 * (mask & lung).sum() / (mask.sum() + lung.sum()) > 0.9
+    npz = write_medsegbench_npz(tmp_path / "shapes_64.npz", counts=(1, 1, 1), size=64, seed=5)
+    assert main(["evaluate", "--model", "litemedsam", "--npz", str(npz), "--max-images", "1", "--corruptions",
+                 "clear", "--prompts", "box", "--no-progress", "--device", "cpu", "--output", str(tmp_path / "ev")]) == 0
+    text = (tmp_path / "ev" / "dice.csv").read_text()
+    assert text.splitlines()[0].endswith(",LiteMedSAM")
+    assert float(text.splitlines()[1].split(",")[-1]) > 0.5
