@@ -188,9 +188,9 @@ def segment_case(case: Case, predictor, defaults: Dict[str, object]) -> str:
     objects = read_prompts(case.prompts, volume, axis)
     mapping = intensity_mapping(volume.array, modality=opts.get("modality"), window=opts.get("window"))
     result = segment_volume(volume, objects, predictor, axis=axis, images=mapping.apply(volume.array),
-                            iou_threshold=float(opts.get("iou_threshold", 0.5)),
-                            projection=str(opts.get("projection", "mask")),
-                            box_extension=float(opts.get("box_extension", 0.025)))
+                            **{k: (float(opts[k]) if k in ("iou_threshold", "box_extension") else opts[k])
+                               for k in ("iou_threshold", "projection", "box_extension", "stop_rule")
+                               if opts.get(k) is not None})
     result.write(case.output, volume)
     if opts.get("report"):
         report = case.output.with_name(case.output.name.split(".")[0] + ".report.json")

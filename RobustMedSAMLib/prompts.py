@@ -104,7 +104,8 @@ def box_from_mask(mask: np.ndarray, extension: float = 0.0) -> Optional[np.ndarr
     """Bounding box ``(x0, y0, x1, y1)`` (exclusive ``x1, y1``) of a 2D mask, or ``None`` if empty.
 
     ``extension`` enlarges the box on every side: ``>= 1`` means that many pixels, ``0 < e < 1`` a fraction
-    of the box height/width (micro-sam's ``box_extension``). The result is clipped to the image.
+    of the box height/width (micro-sam's ``box_extension``). Edges are rounded to the nearest integer with
+    halves up (``floor(v + 0.5)``, docs/coordinates.md) and clipped to the image.
     """
     rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:
@@ -117,8 +118,8 @@ def box_from_mask(mask: np.ndarray, extension: float = 0.0) -> Optional[np.ndarr
     else:
         ex, ey = extension * (x1 - x0), extension * (y1 - y0)
     h, w = mask.shape
-    return np.array([max(0, round(x0 - ex)), max(0, round(y0 - ey)),
-                     min(w, round(x1 + ex)), min(h, round(y1 + ey))], dtype=np.float64)
+    edges = np.floor(np.array([x0 - ex, y0 - ey, x1 + ex, y1 + ey], dtype=np.float64) + 0.5)  # halves up
+    return np.clip(edges, 0, [w, h, w, h]).astype(np.float64)
 
 
 @dataclass

@@ -8,9 +8,10 @@ along one voxel axis; which axis is the caller's business (docs/coordinates.md).
 
 1. **Below the lowest seed** ``z0`` (unless ``stop_lower``): for ``z = z0-1, z0-2, ...`` derive prompts from
    mask ``z+1`` (see :mod:`RobustMedSAMLib.mask_prompts`), predict slice ``z`` and compute the IoU of mask
-   ``z+1`` with the prediction (``|A and B| / (|A or B| + 1e-7)``). If the prediction is empty, or the IoU is
-   below ``iou_threshold``, the direction stops **without writing slice z**; it also stops after the volume
-   bound / the ``slice_range`` limit.
+   ``z+1`` with the prediction (``|A and B| / (|A or B| + 1e-7)``). The stop rule
+   (:mod:`RobustMedSAMLib.stop_rules`: ``"consistency"`` by default, ``"micro-sam"`` = IoU below
+   ``iou_threshold``) may reject the prediction: the direction then stops **without writing slice z**; it
+   also stops after the volume bound / the ``slice_range`` limit.
 2. **Above the highest seed**, symmetrically (unless ``stop_upper``).
 3. **Between consecutive seeds** ``a < b`` (no IoU stopping): adjacent seeds -> nothing; if ``a`` is the
    lowest seed and ``stop_lower`` -> propagate from ``b`` down to ``a+1`` only (likewise ``b`` highest and
@@ -31,135 +32,21 @@ Only numpy and scipy are used.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-
 from .mask_prompts import Projection, parse_projection, prompt_from_mask
-from .prompts import Prediction, Prompt
+from .propagation_types import (  # noqa: F401  (re-exported: the public types live there)
+    SOURCES, STOP_REASONS, CancelCallback, ProgressCallback, PropagationCancelled, PropagationResult,
+    SliceRecord, SliceSegmenter, StopReason, compute_iou, propagation_report)
+from .stop_rules import RULE_DEFAULTS, StopRule, make_rule, measure, seed_reference, verdict
 
 __all__ = [
     "SliceSegmenter", "SliceRecord", "StopReason", "PropagationResult", "PropagationCancelled",
     "propagate", "repropagate", "propagation_report", "compute_iou", "SOURCES", "STOP_REASONS",
 ]
-
-SOURCES = ("seed", "extrapolated", "interpolated")
-STOP_REASONS = ("iou_below_threshold", "empty_prediction", "volume_bound", "slice_range", "stop_flag",
-                "no_seed_side")
-
-ProgressCallback = Callable[[int, int, int], Any]
-CancelCallback = Callable[[], bool]
-
-
-class PropagationCancelled(RuntimeError):
-    """Raised by :func:`propagate` / :func:`repropagate` when ``cancel()`` returned True."""
-
-
-@runtime_checkable
-class SliceSegmenter(Protocol):
-    """Something that segments one object on one 2D slice of a volume from a prompt.
-
-    ``predict_slice`` returns a :class:`Prediction` with a single mask of shape ``slice_shape`` (if it
-    holds several, the one with the highest predicted IoU is used).
-    """
-
-    num_slices: int
-    slice_shape: Tuple[int, int]
-
-    def predict_slice(self, index: int, prompt: Prompt) -> Prediction:
-        ...
-
-
-@dataclass(frozen=True)
-class SliceRecord:
-    """How slice ``index`` of a :class:`PropagationResult` was obtained.
-
-    ``source``: ``"seed"`` (given), ``"extrapolated"`` (beyond the lowest/highest seed) or ``"interpolated"``
-    (between two seeds). ``predicted_iou``: the model's own IoU estimate (None for seeds).
-    ``interslice_iou``: IoU of the prompting mask with the prediction (None for seeds). ``from_index``: the
-    slice whose mask prompted this one, or a pair ``(lower, upper)`` when prompted by the union of two.
-    """
-
-    index: int
-    source: str
-    predicted_iou: Optional[float] = None
-    interslice_iou: Optional[float] = None
-    from_index: Optional[Union[int, Tuple[int, int]]] = None
-
-
-@dataclass(frozen=True)
-class StopReason:
-    """Why a direction (or one side of a gap) stopped.
-
-    ``reason``:
-
-    * ``"iou_below_threshold"`` / ``"empty_prediction"``: slice ``at_index`` was predicted but rejected
-      (not written); ``iou`` is its IoU with the previous slice.
-    * ``"volume_bound"`` / ``"slice_range"``: ``at_index`` is the last slice allowed (0 or num_slices-1, or
-      the ``slice_range`` limit); the direction reached it (or its seed already lies there).
-    * ``"stop_flag"``: ``stop_lower``/``stop_upper`` was set; ``at_index`` is the extreme seed.
-    * ``"no_seed_side"``: the extreme seed on that side is an empty stop slice, so there was nothing to
-      extrapolate from; ``at_index`` is that seed.
-    """
-
-    reason: str
-    at_index: int
-    iou: Optional[float] = None
-
-
-@dataclass
-class PropagationResult:
-    """Outcome of :func:`propagate` / :func:`repropagate`; every array is owned by the result.
-
-    Attributes:
-        masks: ``(Z, H, W)`` bool, seeds included.
-        slices: ``{index: SliceRecord}`` for every slice that was written (seeds included).
-        stops: ``{"lower": StopReason, "upper": StopReason}``.
-        z_range: ``(first, last)`` written slice.
-        seeds: sorted seed indices.
-        gap_stops: empty predictions that ended one side of a gap early (rare).
-        predicted: slice indices passed to ``predict_slice`` during this call, in order (rejected ones too).
-        options: the options used (``iou_threshold``, ``projection``, ``box_extension``, ``stop_lower``,
-            ``stop_upper``, ``slice_range``); :func:`repropagate` reuses them by default.
-    """
-
-    masks: np.ndarray
-    slices: Dict[int, SliceRecord]
-    stops: Dict[str, StopReason]
-    z_range: Tuple[int, int]
-    seeds: Tuple[int, ...]
-    gap_stops: Tuple[StopReason, ...] = ()
-    predicted: Tuple[int, ...] = ()
-    options: Dict[str, Any] = field(default_factory=dict)
-
-    def report(self) -> List[Dict[str, Any]]:
-        """One dict per written slice, by index, for tables and plots of predicted IoU per slice.
-
-        Keys: ``index``, ``source``, ``predicted_iou``, ``interslice_iou``, ``from_index`` (int, ``[lower,
-        upper]`` for a union prompt, or None) and ``area`` (pixels in the mask). JSON-serialisable.
-        """
-        rows = []
-        for index in sorted(self.slices):
-            rec = self.slices[index]
-            src = list(rec.from_index) if isinstance(rec.from_index, tuple) else rec.from_index
-            rows.append({"index": int(index), "source": rec.source, "predicted_iou": rec.predicted_iou,
-                         "interslice_iou": rec.interslice_iou, "from_index": src,
-                         "area": int(np.count_nonzero(self.masks[index]))})
-        return rows
-
-
-def propagation_report(result: PropagationResult) -> List[Dict[str, Any]]:
-    """Same as :meth:`PropagationResult.report`."""
-    return result.report()
-
-
-def compute_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """``|a and b| / (|a or b| + 1e-7)`` of two boolean masks (micro-sam's ``compute_iou``)."""
-    inter = np.count_nonzero(np.logical_and(a, b))
-    union = np.count_nonzero(np.logical_or(a, b))
-    return float(inter) / (float(union) + 1e-7)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -168,7 +55,7 @@ def compute_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class _Options:
-    iou_threshold: float
+    rule: StopRule
     projection: Projection
     projection_spec: Any
     box_extension: float
@@ -179,10 +66,15 @@ class _Options:
     slice_range: Optional[Tuple[int, int]]
     num_slices: int
 
+    @property
+    def iou_threshold(self) -> float:
+        return self.rule.iou_threshold
+
     def as_dict(self) -> Dict[str, Any]:
         spec = dict(self.projection_spec) if isinstance(self.projection_spec, Mapping) else self.projection_spec
         return {"iou_threshold": self.iou_threshold, "projection": spec, "box_extension": self.box_extension,
-                "stop_lower": self.stop_lower, "stop_upper": self.stop_upper, "slice_range": self.slice_range}
+                "stop_rule": self.rule.as_dict(), "stop_lower": self.stop_lower, "stop_upper": self.stop_upper,
+                "slice_range": self.slice_range}
 
 
 def _geometry(segmenter: SliceSegmenter) -> Tuple[int, Tuple[int, int]]:
@@ -197,10 +89,12 @@ def _geometry(segmenter: SliceSegmenter) -> Tuple[int, Tuple[int, int]]:
 
 
 def _make_options(num_slices: int, iou_threshold, projection, box_extension, stop_lower, stop_upper,
-                  slice_range) -> _Options:
-    thr = float(iou_threshold)
-    if not 0.0 <= thr <= 1.0:
-        raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
+                  slice_range, stop_rule=None, segmenter=None) -> _Options:
+    rule = make_rule(stop_rule, None if iou_threshold is None else float(iou_threshold))
+    if projection is None:
+        projection = getattr(segmenter, "default_projection", None) or "mask"
+    if box_extension is None:
+        box_extension = RULE_DEFAULTS[rule.name]["box_extension"]
     ext = float(box_extension)
     if not np.isfinite(ext) or ext < 0:
         raise ValueError(f"box_extension must be >= 0 (pixels if >= 1, a fraction if < 1), got {box_extension}")
@@ -215,7 +109,7 @@ def _make_options(num_slices: int, iou_threshold, projection, box_extension, sto
         if not 0 <= lo <= hi <= num_slices - 1:
             raise ValueError(f"slice_range ({lo}, {hi}) must satisfy 0 <= first <= last <= {num_slices - 1}")
         rng = (lo, hi)
-    return _Options(thr, proj, projection, ext, bool(stop_lower), bool(stop_upper), lo, hi, rng, num_slices)
+    return _Options(rule, proj, projection, ext, bool(stop_lower), bool(stop_upper), lo, hi, rng, num_slices)
 
 
 def _check_seeds(seeds: Mapping[int, np.ndarray], opts: _Options, shape: Tuple[int, int]) -> Dict[int, np.ndarray]:
@@ -289,7 +183,7 @@ def _plan(seed_order: Sequence[int], empty: Mapping[int, bool], opts: _Options) 
             mode = "no_seed_side" if empty[seed] else "stop_flag"
             plan.append(_Segment(kind, seed, limit, mode, (kind, seed, mode)))
         else:
-            plan.append(_Segment(kind, seed, limit, "run", (kind, seed, "run", limit, opts.iou_threshold) + common))
+            plan.append(_Segment(kind, seed, limit, "run", (kind, seed, "run", limit, opts.rule.key) + common))
     for a, b in zip(seed_order[:-1], seed_order[1:]):
         if b - a == 1:
             continue
@@ -345,6 +239,30 @@ class _Runner:
         self.masks[index] = mask
         self.records[index] = record
 
+    # one walk away from a seed, judged by the stop rule -------------------------------------------------
+    def _walk(self, seed: int, last: int, step: int, source: str) -> Tuple[int, Optional[StopReason]]:
+        """Predict ``seed+step .. last`` (inclusive) each from the previous slice while the stop rule accepts;
+        returns ``(last slice written or seed, StopReason of the rejected slice or None)``."""
+        rule = self.opts.rule
+        reference = None
+        if rule.name != "micro-sam" and (last - seed) * step > 0:
+            reference = seed_reference(self.segmenter, seed, self.masks[seed])
+        z = seed + step
+        while (z - last) * step <= 0:
+            prev = self.masks[z - step]
+            mask, score = self.predict(z, prev)
+            iou = compute_iou(prev, mask)
+            measures = measure(self.segmenter, z, prev, mask, iou, reference) if reference else {"iou": iou}
+            reason = verdict(rule, mask, measures)
+            if reason is not None:
+                self.total -= abs(last - z)  # the slices beyond z will not be predicted
+                self.report(z)
+                return z - step, StopReason(reason, z, iou, measures if reference else None)
+            self.write(z, mask, SliceRecord(z, source, score, iou, z - step, measures if reference else None))
+            self.report(z)
+            z += step
+        return last, None
+
     # one extrapolation direction ----------------------------------------------------------------------
     def extrapolate(self, seg: _Segment) -> StopReason:
         if seg.mode != "run":
@@ -352,24 +270,8 @@ class _Runner:
         step = -1 if seg.kind == "lower" else 1
         volume_end = 0 if step < 0 else self.opts.num_slices - 1
         bound = "volume_bound" if seg.end == volume_end else "slice_range"
-        z = seg.start + step
-        while (z - seg.end) * step <= 0:
-            prev = self.masks[z - step]
-            mask, score = self.predict(z, prev)
-            iou = compute_iou(prev, mask)
-            reason = None
-            if not mask.any():
-                reason = "empty_prediction"
-            elif iou < self.opts.iou_threshold:
-                reason = "iou_below_threshold"
-            if reason is not None:
-                self.total -= abs(seg.end - z)  # the slices beyond z will not be predicted
-                self.report(z)
-                return StopReason(reason, z, iou)
-            self.write(z, mask, SliceRecord(z, "extrapolated", score, iou, z - step))
-            self.report(z)
-            z += step
-        return StopReason(bound, seg.end)
+        _, stop = self._walk(seg.start, seg.end, step, "extrapolated")
+        return stop if stop is not None else StopReason(bound, seg.end)
 
     # one gap between seeds ----------------------------------------------------------------------------
     def _chain(self, start: int, last: int, step: int) -> None:
@@ -405,7 +307,9 @@ class _Runner:
         diff = b - a
         if diff <= 1 or seg.mode == "none":
             return
-        if seg.mode == "from_upper":
+        if self.opts.rule.name != "micro-sam":
+            self._fill_gap_consistent(seg)
+        elif seg.mode == "from_upper":
             self._chain(b, a + 1, -1)
         elif seg.mode == "from_lower":
             self._chain(a, b - 1, 1)
@@ -418,6 +322,30 @@ class _Runner:
             self._chain(b, mid + 1, -1)
             if even:
                 self._from_union(mid, mid - 1, mid + 1)
+
+
+    def _fill_gap_consistent(self, seg: _Segment) -> None:
+        """Consistency rule: walk from the seed with the larger mask (more shape to carry) towards the other,
+        judged by the rule; where it stops, walk back from the other seed over the slices left. Slices both
+        walks reject stay empty; both rejections are listed in ``gap_stops``."""
+        a, b = seg.start, seg.end
+        if seg.mode == "from_upper":
+            first = b
+        elif seg.mode == "from_lower":
+            first = a
+        else:
+            first = a if np.count_nonzero(self.masks[a]) >= np.count_nonzero(self.masks[b]) else b
+        other = b if first == a else a
+        step = 1 if first == a else -1
+        reached, stop = self._walk(first, other - step, step, "interpolated")
+        if stop is None:
+            return
+        if seg.mode == "both":
+            _, back = self._walk(other, reached + step, -step, "interpolated")
+            if back is None:
+                return  # the other side filled what was left
+            self.gap_stops.append(back)
+        self.gap_stops.append(stop)
 
 
 def _run(segmenter, masks, records, stops, segments, opts, progress, cancel) -> _Runner:
@@ -443,35 +371,41 @@ def _result(masks, records, stops, seed_order, gap_stops, runner, opts) -> Propa
 # public API
 # --------------------------------------------------------------------------------------------------------
 
-def propagate(segmenter: SliceSegmenter, seeds: Mapping[int, np.ndarray], *, iou_threshold: float = 0.5,
-              projection: Union[str, Mapping[str, bool]] = "mask", box_extension: float = 0.025,
+def propagate(segmenter: SliceSegmenter, seeds: Mapping[int, np.ndarray], *, iou_threshold: Optional[float] = None,
+              projection: Optional[Union[str, Mapping[str, bool]]] = None, box_extension: Optional[float] = None,
               stop_lower: bool = False, stop_upper: bool = False,
               slice_range: Optional[Tuple[int, int]] = None, progress: Optional[ProgressCallback] = None,
-              cancel: Optional[CancelCallback] = None) -> PropagationResult:
+              cancel: Optional[CancelCallback] = None,
+              stop_rule: Union[None, str, Mapping[str, Any], StopRule] = None) -> PropagationResult:
     """Segment an object through the volume from one or more seed slices (see the module docstring).
 
     Args:
         segmenter: a :class:`SliceSegmenter`.
         seeds: ``{slice index: (H, W) mask}`` of the annotated slices (not modified).
-        iou_threshold: extrapolation stops (slice not written) when the IoU of consecutive masks is below it.
+        iou_threshold: extrapolation stops (slice not written) when the IoU of consecutive masks is below it;
+            default: the stop rule's (0.1 for ``"consistency"``, 0.5 for ``"micro-sam"``).
         projection: which prompts are derived from the previous mask: ``"box"``, ``"mask"`` (box + mask),
             ``"points"``, ``"points_and_mask"``, ``"single_point"`` or ``{"use_box", "use_mask",
-            "use_points"}``.
+            "use_points"}``; default: the segmenter's ``default_projection`` (``"box"`` for box-trained
+            models such as MedSAM and LiteMedSAM), else ``"mask"``.
         box_extension: enlarges derived boxes (and the point-sampling window): ``>= 1`` pixels per side,
-            ``0 < e < 1`` that fraction of the box size per side.
+            ``0 < e < 1`` that fraction of the box size per side; default: the stop rule's (0.05 for
+            ``"consistency"``, micro-sam's 0.025 for ``"micro-sam"``).
         stop_lower / stop_upper: no extrapolation below the lowest / above the highest seed, and the gap
             next to that seed is filled from the other side only (micro-sam's stop slices).
         slice_range: inclusive ``(first, last)`` slice limits for extrapolation; seeds must lie inside.
         progress: called as ``progress(done, estimated_total, index)`` after each predicted slice;
             ``estimated_total`` shrinks when a direction stops early and equals ``done`` at the end.
         cancel: polled before each prediction; returning True raises :class:`PropagationCancelled`.
+        stop_rule: ``"consistency"`` (default) or ``"micro-sam"``, or a dict / :class:`StopRule` with
+            thresholds (:mod:`RobustMedSAMLib.stop_rules`).
 
     Returns:
         A :class:`PropagationResult` with freshly allocated arrays.
     """
     num_slices, shape = _geometry(segmenter)
     opts = _make_options(num_slices, iou_threshold, projection, box_extension, stop_lower, stop_upper,
-                         slice_range)
+                         slice_range, stop_rule, segmenter)
     seed_masks = _check_seeds(seeds, opts, shape)
     order = sorted(seed_masks)
     masks = np.zeros((num_slices,) + tuple(shape), dtype=bool)
@@ -485,7 +419,7 @@ def propagate(segmenter: SliceSegmenter, seeds: Mapping[int, np.ndarray], *, iou
     return _result(masks, records, stops, order, runner.gap_stops, runner, opts)
 
 
-_DEFAULTS: Dict[str, Any] = {"iou_threshold": 0.5, "projection": "mask", "box_extension": 0.025,
+_DEFAULTS: Dict[str, Any] = {"iou_threshold": None, "projection": None, "box_extension": None, "stop_rule": None,
                              "stop_lower": False, "stop_upper": False, "slice_range": None}
 
 
@@ -494,7 +428,8 @@ def repropagate(segmenter: SliceSegmenter, previous: PropagationResult, index: i
                 box_extension: Optional[float] = None, stop_lower: Optional[bool] = None,
                 stop_upper: Optional[bool] = None, slice_range: Optional[Tuple[int, int]] = None,
                 progress: Optional[ProgressCallback] = None,
-                cancel: Optional[CancelCallback] = None) -> PropagationResult:
+                cancel: Optional[CancelCallback] = None,
+                stop_rule: Union[None, str, Mapping[str, Any], StopRule] = None) -> PropagationResult:
     """Correct a propagation after the user edited or re-prompted slice ``index`` (now ``new_mask``).
 
     ``index`` becomes a seed (replacing the seed there, if any) and only what depends on it is recomputed;
@@ -535,10 +470,14 @@ def repropagate(segmenter: SliceSegmenter, previous: PropagationResult, index: i
             stop_lower = True
     pick = (lambda value, name: old[name] if value is None else value)
     old_opts = _make_options(num_slices, old["iou_threshold"], old["projection"], old["box_extension"],
-                             old["stop_lower"], old["stop_upper"], old["slice_range"])
-    opts = _make_options(num_slices, pick(iou_threshold, "iou_threshold"), pick(projection, "projection"),
+                             old["stop_lower"], old["stop_upper"], old["slice_range"], old["stop_rule"], segmenter)
+    if stop_rule is not None and iou_threshold is None:  # a new rule brings its own default threshold
+        new_rule, new_iou = stop_rule, None
+    else:
+        new_rule, new_iou = pick(stop_rule, "stop_rule"), pick(iou_threshold, "iou_threshold")
+    opts = _make_options(num_slices, new_iou, pick(projection, "projection"),
                          pick(box_extension, "box_extension"), pick(stop_lower, "stop_lower"),
-                         pick(stop_upper, "stop_upper"), pick(slice_range, "slice_range"))
+                         pick(stop_upper, "stop_upper"), pick(slice_range, "slice_range"), new_rule, segmenter)
     if not 0 <= index < num_slices:
         raise ValueError(f"slice {index} is outside the volume (0..{num_slices - 1})")
 

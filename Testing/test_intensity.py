@@ -50,7 +50,8 @@ def test_presets_and_window_edges_exact():
     assert (WINDOW_PRESETS["lung"].level, WINDOW_PRESETS["lung"].width) == (-600, 1500)
     assert (WINDOW_PRESETS["bone"].level, WINDOW_PRESETS["bone"].width) == (400, 1800)
     assert (WINDOW_PRESETS["brain"].level, WINDOW_PRESETS["brain"].width) == (40, 80)
-    assert DEFAULT_CT_WINDOW == Window(40, 400)
+    assert (WINDOW_PRESETS["wide"].lower, WINDOW_PRESETS["wide"].upper) == (-1000, 1000)
+    assert DEFAULT_CT_WINDOW == WINDOW_PRESETS["wide"]  # chosen from the LiteMedSAM field evaluation
     assert (Window(40, 400).lower, Window(40, 400).upper) == (-160, 240)
     hu = np.arange(-3024, 3071, dtype=np.int16)
     for name, w in list(WINDOW_PRESETS.items()) + [("custom", Window(-57, 333))]:
@@ -75,9 +76,9 @@ def test_ct_volume_guess_and_default_window(ct):
     assert guess_modality(ct) == "CT"
     out = to_uint8(ct)
     assert out.shape == ct.shape and out.dtype == np.uint8
-    np.testing.assert_array_equal(out, to_uint8(ct.array, modality="CT", window="soft_tissue"))
+    np.testing.assert_array_equal(out, to_uint8(ct.array, modality="CT", window="wide"))
     # all-HU check: air is black, dense bone white
-    assert out[ct.array <= -160].max() == 0 and out[ct.array >= 240].min() == 255
+    assert out[ct.array <= -1000].max() == 0 and out[ct.array >= 1000].min() == 255
     lung = to_uint8(ct, window="lung")
     assert not np.array_equal(lung, out)
     # modality override: CT normalised as "other" uses percentiles instead of the HU window

@@ -88,3 +88,27 @@ def test_as_rgb_layouts_and_errors():
         as_rgb(np.zeros((2, 5, 6, 3), np.uint8))
     with pytest.raises(ValueError, match="unknown preprocessing"):
         Preprocessing("clip")
+
+
+def test_litemedsam_style_frame_boxes_and_area_resize():
+    from RobustMedSAMLib.preprocess import Preprocessing, area_resize_uint8, area_weights, model_frame, prepare_image
+
+    prep = Preprocessing("litemedsam", 256)
+    frame = model_frame((100, 77), prep)
+    assert frame.resized_size == (256, 197) and frame.mask_size == 256  # logits in the input frame
+    # official: int(v * 256 / max(H, W)) of (x_min, y_min, x_max, y_max) with inclusive max indices
+    np.testing.assert_array_equal(frame.boxes_to_model(np.array([10, 20, 31, 51])),
+                                  [int(10 * 2.56), int(20 * 2.56), int(30 * 2.56), int(50 * 2.56)])
+    np.testing.assert_allclose(frame.points_to_model(np.array([[10.0, 5.0]])), [[25.6, 12.8]])
+    w = area_weights(3, 2)  # two output pixels of 1.5 input pixels each
+    np.testing.assert_allclose(w, [[2 / 3, 1 / 3, 0], [0, 1 / 3, 2 / 3]])
+    np.testing.assert_allclose(area_weights(2, 4), [[1, 0], [1, 0], [0, 1], [0, 1]])  # 2x: repetition
+    img = np.arange(12, dtype=np.uint8).reshape(3, 4, 1) * 20
+    np.testing.assert_array_equal(area_resize_uint8(img, (6, 8))[..., 0], np.kron(img[..., 0], np.ones((2, 2))))
+    x, f = prepare_image(np.full((40, 20), 7, np.uint8), prep)
+    assert x.shape == (1, 3, 256, 256) and f.resized_size == (256, 128)
+    assert float(x.max()) == 0.0  # a constant image normalises to 0 (min-max with the 1e-8 floor)
+    logits = torch.zeros(1, 1, 256, 256)
+    logits[..., :128, :64] = 1.0
+    back = f.logits_to_image(logits)
+    assert tuple(back.shape) == (1, 1, 40, 20) and float(back[0, 0, :19, :9].min()) == pytest.approx(1.0)

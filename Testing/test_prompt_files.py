@@ -11,7 +11,7 @@ from support import headless_slicer_scene
 
 from RobustMedSAMLib.prompt_files import (ObjectPrompts, PromptFileError, is_negative_control_point,
                                           prompts_from_json, read_prompts)
-from RobustMedSAMLib.volume_io import read_volume
+from RobustMedSAMLib.volume_io import Volume, read_volume
 
 CT_PATH = os.path.join(os.path.dirname(slicerio.__file__), "data", "CTChest4.nrrd")
 # an anatomical point (continuous voxel index i, j, k) and a box on slice k = 15 in the right lung region
@@ -270,3 +270,17 @@ def test_modules_import_neither_torch_nor_qt_nor_slicer():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip() == "[]"
+
+
+def test_object_window(tmp_path):
+    from RobustMedSAMLib.intensity import Window
+
+    vol = Volume(np.zeros((4, 8, 8), np.int16), np.eye(4))
+    data = {"objects": [{"name": "lung", "window": "lung", "slices": [{"index": 1, "box": [1, 1, 5, 5]}]},
+                        {"name": "spine", "window": [400, 1800], "slices": [{"index": 2, "points": [[3, 3]]}]},
+                        {"name": "other", "slices": [{"index": 2, "points": [[3, 3]]}]}]}
+    objs = prompts_from_json(data, vol)
+    assert [o.window for o in objs] == [Window(-600, 1500), Window(400, 1800), None]
+    data["objects"][0]["window"] = "liver"
+    with pytest.raises(PromptFileError, match="object 'lung': unknown window preset 'liver'"):
+        prompts_from_json(data, vol)

@@ -7,6 +7,9 @@ The segmenters here are deterministic stand-ins for the model:
   prompt. It records every (index, prompt) it was asked.
 * ``Echo``: returns the reference slice whatever the prompt (to check who prompted whom).
 Both can return a fixed predicted IoU per slice.
+
+These tests pin micro-sam's algorithm (``stop_rule="micro-sam"``, micro-sam's own option defaults); the
+consistency rule, the default, is tested in ``test_stop_rules.py``.
 """
 from __future__ import annotations
 
@@ -20,8 +23,19 @@ from scipy import ndimage
 from RobustMedSAMLib.mask_prompts import (parse_projection, peak_local_max, points_from_mask,
                                           prompt_from_mask)
 from RobustMedSAMLib.prompts import Prediction, box_from_mask
-from RobustMedSAMLib.propagation import (PropagationCancelled, PropagationResult, SliceSegmenter,
-                                         compute_iou, propagate, repropagate)
+from RobustMedSAMLib import propagation as _propagation
+from RobustMedSAMLib.propagation import PropagationCancelled, PropagationResult, SliceSegmenter, compute_iou
+
+MICRO_SAM = {"stop_rule": "micro-sam", "projection": "mask"}
+
+
+def propagate(segmenter, seeds, **kwargs):
+    """micro-sam's rule and defaults (box + mask projection, IoU 0.5, box extension 0.025)."""
+    return _propagation.propagate(segmenter, seeds, **{**MICRO_SAM, **kwargs})
+
+
+def repropagate(segmenter, previous, index, new_mask, **kwargs):
+    return _propagation.repropagate(segmenter, previous, index, new_mask, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -655,3 +669,13 @@ def test_repropagate_erased_slice_inside_a_gap():
     assert np.array_equal(res.masks[:9], two.masks[:9]) and np.array_equal(res.masks[16:], two.masks[16:])
     assert res.options["stop_lower"] is False and res.options["stop_upper"] is False
     _assert_same(res, propagate(Oracle(ref), {8: ref[8], 12: empty, 16: ref[16]}, iou_threshold=0.0))
+
+
+def test_box_from_mask_rounds_halves_up():
+    """docs/coordinates.md: floor(v + 0.5), not Python's round() (halves to even: round(2.5) == 2)."""
+    mask = np.zeros((20, 20), bool)
+    mask[4:14, 3:8] = True  # width 5, height 10: a 0.1 extension is 0.5 and 1 pixel
+    np.testing.assert_array_equal(box_from_mask(mask, 0.1), [3, 3, 9, 15])  # 2.5 -> 3, 8.5 -> 9
+    mask[:] = False
+    mask[5:15, 4:9] = True
+    np.testing.assert_array_equal(box_from_mask(mask, 0.1), [4, 4, 10, 16])  # 3.5 -> 4, 9.5 -> 10

@@ -98,8 +98,10 @@ def test_propagation_from_one_slice_reproduces_every_segment(variants, variant, 
         value = next(v for v, n in names.items() if n == obj.name)
         oracle = OraclePredictor(images, labels == value, axis=0)
         # 10 mm slices: some segments overlap only ~3 % between neighbours at their ends, so this geometry
-        # test stops on empty predictions only (iou_threshold 0); the IoU rule has its own tests.
-        result = segment_volume(volume, [obj], oracle, axis=0, images=images, box_extension=0.1, iou_threshold=0)
+        # test stops on empty predictions only (micro-sam's rule, iou_threshold 0); the stop rules have their
+        # own tests. The stand-in recognises native slices: no square-pixel resampling (tested on its own).
+        result = segment_volume(volume, [obj], oracle, axis=0, images=images, box_extension=0.1, iou_threshold=0,
+                                stop_rule="micro-sam", square_pixels=False)
         dice = _dice(result.objects[0].mask, labels == value)
         assert dice >= 0.95, f"{variant}: {obj.name} Dice {dice:.3f}"
         # each direction stops by itself: at most the object's extent + one rejected slice per side
@@ -126,7 +128,8 @@ def test_other_slice_axes(variants, axis, tmp_path):
     lung = {5: names[5]}
     objects = read_prompts(_prompts_file(volume, labels, lung, tmp_path / "p.json", axis=axis), volume, axis=axis)
     result = segment_volume(volume, objects, OraclePredictor(images, labels == 5, axis), axis=axis,
-                            images=images, box_extension=0.1, iou_threshold=0)
+                            images=images, box_extension=0.1, iou_threshold=0, stop_rule="micro-sam",
+                            square_pixels=False)
     assert _dice(result.objects[0].mask, labels == 5) >= 0.95
 
 
@@ -215,3 +218,55 @@ def test_prefetch_encodes_the_viewed_slice_first_then_its_neighbours(tiny_model)
     predictor.close()
     assert [first[v] for v in order] == [2, 4, 5, 3, 0, 1]
     assert predictor.encoder_calls == 6
+
+
+class BrightInBox:
+    """Answers with the pixels brighter than 127 inside the prompt's box, at whatever resolution it is given;
+    records the image shapes and prompts it saw."""
+
+    def __init__(self):
+        self.seen = []
+
+    def predict(self, prompt, multimask=False, image=None, context=None):
+        self.seen.append((image.shape, prompt))
+        mask = image > 127
+        x0, y0, x1, y1 = (int(round(v)) for v in prompt.box)
+        keep = np.zeros_like(mask)
+        keep[y0:y1, x0:x1] = True
+        return boxed_prediction(mask & keep, prompt)
+
+    def prefetch(self, image, context=""):
+        return None
+
+
+def test_square_pixels_reach_the_model_and_results_come_back_on_the_voxel_grid():
+    from RobustMedSAMLib.volume_segmentation import VolumeSegmenter
+
+    images = np.zeros((10, 12, 40), np.uint8)  # axis j: slices (K=10, I=40) of 10 x 2.5 mm pixels
+    images[2:7, :, 8:30] = 255                 # a block on rows 2..6, columns 8..29
+    fake = BrightInBox()
+    seg = VolumeSegmenter(fake, images, axis=1, voxel_spacing=(10.0, 1.0, 2.5))
+    assert seg.resampled and seg.model_shape == (40, 40)  # 10 rows x 10 mm -> 40 rows of 2.5 mm
+    pred = seg.predict_slice(5, Prompt(box=[8, 2, 30, 7]))
+    shape, prompt = fake.seen[-1]
+    assert shape == (40, 40)
+    np.testing.assert_allclose(prompt.box, [8, 8, 30, 28])  # box edges scale with the rows
+    assert pred.mask.shape == (10, 40)
+    np.testing.assert_array_equal(pred.mask, images[:, 5, :] > 127)
+    square = VolumeSegmenter(fake, images, axis=0, voxel_spacing=(10.0, 2.5, 2.5))
+    assert not square.resampled and square.model_shape == (12, 40)
+
+
+def test_an_object_window_maps_its_own_intensities(variants):
+    from RobustMedSAMLib.intensity import Window
+
+    volume, labels, names = variants["original"]
+    box = box_from_mask(labels[20] == 5)
+    fake = BrightInBox()
+    objects = [ObjectPrompts("lung dark", None, {20: Prompt(box=box)}),
+               ObjectPrompts("lung bright", None, {20: Prompt(box=box)}, window=Window(-1400, 1000))]
+    result = segment_volume(volume, objects, fake, propagate_volume=False, window="wide")
+    dark, bright = (o.mask[20] for o in result.objects)
+    lung = labels[20] == 5
+    assert dark[lung].mean() < 0.05  # lung air is dark in the wide window
+    assert bright[lung].mean() > 0.9  # ... and above 127 in a window ending at -900 HU

@@ -41,7 +41,8 @@ log = logging.getLogger("robustmedsam.evaluate")
 
 PROMPT_KINDS = ("box", "points")
 OUTPUT_FILES = ("dice_per_image.csv", "dice.csv", "dice.md", "dice.png")
-CANONICAL = (("sam-vit-b", "SAM"), ("medsam", "MedSAM"), ("robustsam", "RobustSAM"), ("robustmedsam", "RobustMedSAM"))
+CANONICAL = (("sam-vit-b", "SAM"), ("medsam", "MedSAM"), ("robustsam", "RobustSAM"), ("robustmedsam", "RobustMedSAM"),
+             ("litemedsam", "LiteMedSAM"))
 
 
 class EvaluationError(ValueError):
@@ -225,7 +226,7 @@ def build_parser(prog: str = "robustmedsam evaluate") -> argparse.ArgumentParser
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("models (repeat; columns side by side)")
     g.add_argument("--model", action="append", default=[],
-                   help="named model (sam-vit-b, medsam, robustsam, robustmedsam)")
+                   help="named model (sam-vit-b, medsam, robustsam, robustmedsam, litemedsam)")
     g.add_argument("--checkpoint", action="append", default=[], metavar="[LABEL=]FILE",
                    help="checkpoint file; adapters named in its metadata are loaded from its folder")
     g.add_argument("--seeded-tiny", action="store_true", help="add the tiny seeded test model")
