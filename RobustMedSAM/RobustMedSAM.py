@@ -18,7 +18,8 @@ import qt
 import vtk
 
 import slicer
-from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleWidget
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
 try:
@@ -180,7 +181,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
             names = list(model_names()) + [CUSTOM_CHECKPOINT]
         except Exception:  # engine not importable yet (dependencies missing)
-            names = ["robustmedsam", "robustsam", "medsam", "sam-vit-b", "custom checkpoint"]
+            names = ["robustmedsam", "robustsam", "medsam", "sam-vit-b", "litemedsam", "custom checkpoint"]
         wasBlocked = self.ui.modelComboBox.blockSignals(True)
         try:
             self.ui.modelComboBox.clear()
@@ -334,7 +335,8 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 engine.load(allow_download=s.allowDownload)
             request = self.logic.bridge.segmentVolumeRequest(
                 volumeNode, objects, axis=s.axis, propagate=s.propagate, iouThreshold=s.iouThreshold,
-                projection=s.projection, boxExtension=s.boxExtension, intensity=s.intensity, engine=engine)
+                projection=s.projection, boxExtension=s.boxExtension, intensity=s.intensity, engine=engine,
+                stopRule=s.stopRule)
 
             def write(result):
                 seg = self.ui.outputSegmentationSelector.currentNode()
@@ -361,7 +363,8 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             request = self.logic.robustnessRequest(
                 volumeNode, objects, self.ui.referenceSegmentationSelector.currentNode(), axis=s.axis,
                 corruptions=names or None, severity=int(self.ui.severitySpinBox.value), intensity=s.intensity,
-                engine=engine, iou_threshold=s.iouThreshold, projection=s.projection, box_extension=s.boxExtension,
+                engine=engine, iou_threshold=s.iouThreshold, box_extension=s.boxExtension, stop_rule=s.stopRule,
+                projection=None if s.projection == "auto" else s.projection,
                 propagate_volume=s.propagate)
 
             def show(rows):

@@ -17,7 +17,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .modeling.model import TINY, VIT_B, Architecture
+from .model_specs import TINY, VIT_B, Architecture
 
 StateDict = Dict[str, torch.Tensor]
 GROUPS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")

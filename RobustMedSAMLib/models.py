@@ -24,9 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
-from .modeling.lite_medsam import LITE_MEDSAM
-from .modeling.model import TINY, VIT_B, VIT_B_SAM, Architecture
-from .preprocess import Preprocessing
+from .model_specs import LITE_MEDSAM, TINY, VIT_B, VIT_B_SAM, Architecture, Preprocessing
 
 if TYPE_CHECKING:  # pragma: no cover
     from .modeling.model import SegmentationModel
@@ -78,6 +76,12 @@ def get_config(name: str) -> ModelConfig:
     if key not in MODELS:
         raise ModelNotFoundError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     return MODELS[key]
+
+
+def user_models() -> Tuple[str, ...]:
+    """Names of the configurations a user can load (released weights, or weights that come with a package);
+    test configurations with seeded weights only (``tiny``) are left out."""
+    return tuple(name for name, c in MODELS.items() if c.weights is not None or c.family != "sam")
 
 
 def default_projection(config: ModelConfig) -> str:

@@ -29,24 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .model_specs import STYLES, Preprocessing  # noqa: F401 (re-exported)
+
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
-STYLES = ("sam", "medsam", "litemedsam")
 #: input side / low-resolution logits side of each style
 _MASK_DIVISOR = {"sam": 4, "medsam": 4, "litemedsam": 1}
 MASK_PROMPT_EPS = 1e-3  # mask prompts become logits of +-log((1 - eps) / eps), as micro-sam
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """A model's input convention: ``style`` (:data:`STYLES`) and input side ``image_size``."""
-
-    style: str = "sam"
-    image_size: int = 1024
-
-    def __post_init__(self) -> None:
-        if self.style not in STYLES:
-            raise ValueError(f"unknown preprocessing style {self.style!r}; use one of {STYLES}")
 
 
 def longest_side_shape(h: int, w: int, target: int) -> Tuple[int, int]:

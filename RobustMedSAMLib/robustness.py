@@ -22,7 +22,7 @@ from .prompt_files import ObjectPrompts
 from .segmentation_io import Segmentation
 from .volume_io import AxisLike, Volume
 from .intensity import WindowLike
-from .volume_segmentation import SeedError, segment_volume, uint8_volume
+from .volume_results import SeedError, uint8_volume
 
 
 @dataclass
@@ -100,6 +100,8 @@ def robustness_check(volume: Volume, objects: Sequence[ObjectPrompts], predictor
         progress: ``progress(done, total, message)`` with one unit per condition.
         options: propagation options passed to ``segment_volume`` (``iou_threshold``, ``projection``, ...).
     """
+    from .volume_segmentation import segment_volume
+
     names = check_conditions(corruption_names, severity)  # fail before any model work
     truth = reference_masks(reference, objects) if reference is not None else {}
     ax = volume.resolve_axis(axis)

@@ -20,30 +20,26 @@ An object of a prompt file may name its own CT window (``ObjectPrompts.window``)
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .intensity import WindowLike, get_window, intensity_mapping
+from .intensity import WindowLike, get_window
 from .acceleration import LookaheadPlanner, prefetch_neighbours
 from .predictor import Predictor
 from .prompt_files import ObjectPrompts
 from .prompts import Prediction, Prompt
 from .propagation import PropagationResult, propagate
 from .volume_io import AxisLike, Volume
-from .segmentation_io import DEFAULT_COLORS, SegmentInfo, write_segment_masks
+from .segmentation_io import DEFAULT_COLORS
+from .volume_results import ObjectResult, SeedError, VolumeResult, uint8_volume  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 #: ``progress(done, total, message)``: slices predicted so far and an estimate of the total.
 Progress = Callable[[int, int, str], None]
-
-
-class SeedError(ValueError):
-    """A prompt gave an empty mask on its own slice: nothing to propagate."""
 
 
 class VolumeSegmenter:
@@ -164,6 +160,13 @@ class VolumeSegmenter:
         return (v / v.norm().clamp(min=1e-12)).cpu().double().numpy()
 
     def predict_slice(self, index: int, prompt: Prompt, multimask: bool = False) -> Prediction:
+        """One mask on slice ``index`` (with ``multimask``, the candidate of highest predicted IoU)."""
+        pred = self.predict_candidates(index, prompt, multimask)
+        return pred.select(pred.best) if multimask else pred
+
+    def predict_candidates(self, index: int, prompt: Prompt, multimask: bool = False) -> Prediction:
+        """The model's answer on slice ``index`` with every candidate mask (3 with ``multimask``), on the
+        voxel grid (the Slicer prompt effect lets the user choose among them)."""
         step = index - self._last_index if self._last_index is not None else 1
         self._last_index = index
         if self.planner.batch_size > 1 and abs(step) == 1:
@@ -176,7 +179,6 @@ class VolumeSegmenter:
             prompt.validate(self.slice_shape)
             prompt = self._prompt_to_model(prompt)
         pred = self.predictor.predict(prompt, multimask=multimask, image=self.model_image(index), context=self.context)
-        pred = pred.select(pred.best) if multimask else pred
         return self._prediction_to_grid(pred) if self.resampled else pred
 
     def prefetch(self, index: int, neighbours: Optional[int] = None) -> None:
@@ -195,59 +197,6 @@ def is_ambiguous(prompt: Prompt) -> bool:
     """One positive point and nothing else: SAM recommends multimask output for such prompts."""
     return (prompt.box is None and prompt.mask is None and prompt.logits is None and prompt.points is not None
             and len(prompt.points) == 1)
-
-
-@dataclass
-class ObjectResult:
-    """One object: ``mask`` ``(K, J, I)`` bool, the propagation record, and each seed slice's prediction."""
-
-    name: str
-    color: Tuple[float, float, float]
-    mask: np.ndarray
-    propagation: Optional[PropagationResult]
-    seeds: Dict[int, Prediction] = field(default_factory=dict)
-
-
-@dataclass
-class VolumeResult:
-    """All objects of one run. ``labels()`` merges them (later objects win where they overlap)."""
-
-    objects: List[ObjectResult]
-    axis: int
-
-    def segments(self) -> List[SegmentInfo]:
-        """Segment descriptions: object n -> label value n."""
-        return [SegmentInfo(o.name, tuple(o.color), n) for n, o in enumerate(self.objects, start=1)]
-
-    def labels(self) -> Tuple[np.ndarray, List[SegmentInfo]]:
-        """``(K, J, I)`` label array (object n -> label n; later objects win where objects overlap) and the
-        matching segment descriptions. :meth:`write` keeps overlaps in ``.seg.nrrd`` files."""
-        labels = np.zeros(self.objects[0].mask.shape, dtype=np.uint8 if len(self.objects) < 256 else np.uint16)
-        for n, obj in enumerate(self.objects, start=1):
-            labels[obj.mask] = n
-        return labels, self.segments()
-
-    def write(self, path, reference: Volume):
-        """Write all objects on ``reference``'s grid: ``.seg.nrrd`` (overlaps kept in layers) or a label volume."""
-        return write_segment_masks(path, [o.mask for o in self.objects], reference, self.segments())
-
-    def report(self) -> List[dict]:
-        """JSON-able per-object summary with per-slice predicted IoU and inter-slice IoU."""
-        out = []
-        for obj in self.objects:
-            entry = {"name": obj.name, "voxels": int(obj.mask.sum()),
-                     "seeds": {int(k): float(v.score) for k, v in obj.seeds.items()}}
-            if obj.propagation is not None:
-                entry["slices"] = obj.propagation.report()
-                entry["stops"] = {k: vars(v) for k, v in obj.propagation.stops.items()}
-            out.append(entry)
-        return out
-
-
-def uint8_volume(volume: Volume, modality: Optional[str] = None, window: Optional[WindowLike] = None
-                 ) -> np.ndarray:
-    """The whole volume mapped to uint8 once (CT window or percentiles; modality guessed if not given)."""
-    return intensity_mapping(volume.array, modality=modality, window=window).apply(volume.array)
 
 
 def segment_object(segmenter: VolumeSegmenter, obj: ObjectPrompts, *, propagate_volume: bool = True,

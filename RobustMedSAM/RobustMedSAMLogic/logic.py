@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, fields
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from RobustMedSAMLib.stop_rules import DEFAULT_RULE, RULE_DEFAULTS
+
 from . import segments, volumes
 from .engine import EngineSession, ModelChoice, shared_session  # noqa: F401 (ModelChoice re-exported)
 
@@ -28,9 +30,10 @@ class Settings:
     fp16Cache: bool = False
     intensity: str = "display"
     axis: str = "k"
-    iouThreshold: float = 0.5
-    projection: str = "mask"
-    boxExtension: float = 0.025
+    stopRule: str = DEFAULT_RULE                                        # see RobustMedSAMLib.stop_rules
+    iouThreshold: float = RULE_DEFAULTS[DEFAULT_RULE]["iou_threshold"]
+    projection: str = "auto"                                            # auto: the model's (boxes for box-trained)
+    boxExtension: float = RULE_DEFAULTS[DEFAULT_RULE]["box_extension"]
     propagate: bool = True
     multimask: str = "auto"
     allowDownload: bool = True
@@ -166,16 +169,20 @@ class RobustMedSAMBridgeLogic:
 
     # processing ----------------------------------------------------------------------------------
     def segmentVolumeRequest(self, volumeNode, objects, *, axis="k", propagate: bool = True,
-                             iouThreshold: float = 0.5, projection: str = "mask", boxExtension: float = 0.025,
-                             sliceRange: Optional[Tuple[int, int]] = None, intensity="display", engine=None,
-                             on_progress=None, on_done=None):
+                             iouThreshold: Optional[float] = None, projection: Optional[str] = "auto",
+                             boxExtension: Optional[float] = None, sliceRange: Optional[Tuple[int, int]] = None,
+                             intensity="display", engine=None, stopRule: Optional[str] = None, on_progress=None,
+                             on_done=None):
         """Start segmenting ``objects`` in the engine (nothing written yet); returns the request, whose result
-        is an engine ``VolumeResult`` for :meth:`writeResult`. MRML is read here (GUI thread)."""
+        is an engine ``VolumeResult`` for :meth:`writeResult`. MRML is read here (GUI thread). None (and
+        projection "auto") take the engine's defaults: the stop rule's threshold and box extension, the
+        model's projection."""
         engine = engine or self.engineSession()
         ax = volumes.volume_from_node(volumeNode).resolve_axis(axis)
-        options = {"propagate_volume": bool(propagate), "iou_threshold": float(iouThreshold),
-                   "projection": projection, "box_extension": float(boxExtension),
-                   "slice_range": tuple(sliceRange) if sliceRange else None}
+        options = {"propagate_volume": bool(propagate), "slice_range": tuple(sliceRange) if sliceRange else None,
+                   "iou_threshold": None if iouThreshold is None else float(iouThreshold),
+                   "projection": None if projection in (None, "auto") else projection,
+                   "box_extension": None if boxExtension is None else float(boxExtension), "stop_rule": stopRule}
         return engine.segment_volume(volumeNode, list(objects), ax, options, intensity, on_progress, on_done)
 
     def writeResult(self, volumeNode, result, segmentationNode=None, access=None, replaceSegments: bool = True):
@@ -194,8 +201,9 @@ class RobustMedSAMBridgeLogic:
         return segmentationNode, ids, result
 
     def segmentVolume(self, volumeNode, objects, segmentationNode=None, *, axis="k", propagate: bool = True,
-                      iouThreshold: float = 0.5, projection: str = "mask", boxExtension: float = 0.025,
-                      sliceRange: Optional[Tuple[int, int]] = None, intensity="display", engine=None,
+                      iouThreshold: Optional[float] = None, projection: Optional[str] = "auto",
+                      boxExtension: Optional[float] = None, sliceRange: Optional[Tuple[int, int]] = None,
+                      intensity="display", engine=None, stopRule: Optional[str] = None,
                       progress: Optional[Callable[[int, int, str], None]] = None, access=None,
                       replaceSegments: bool = True, timeout: Optional[float] = None):
         """Segment objects in a volume and write one segment per object. Can be used without GUI widget
@@ -207,7 +215,8 @@ class RobustMedSAMBridgeLogic:
                 ``RobustMedSAMLib.prompt_files.read_prompts``) on slices along ``axis``.
             segmentationNode: where to write (a new node with the volume's geometry if None).
             axis: 0/1/2, k/j/i or axial/coronal/sagittal; propagate, iouThreshold, projection, boxExtension,
-                sliceRange: as in the engine's ``segment_volume``; intensity: see ``engine.INTENSITY_CHOICES``.
+                sliceRange, stopRule: as in the engine's ``segment_volume`` (None / "auto": its defaults);
+                intensity: see ``engine.INTENSITY_CHOICES``.
             progress: ``progress(done, total, message)``.
             access: how to write (default: Slicer's segment editor logic with the Segment Editor's masking
                 settings, or the 5.8 fallback); all objects are written in one undo step.
@@ -223,7 +232,7 @@ class RobustMedSAMBridgeLogic:
         request = self.segmentVolumeRequest(volumeNode, objects, axis=axis, propagate=propagate,
                                             iouThreshold=iouThreshold, projection=projection,
                                             boxExtension=boxExtension, sliceRange=sliceRange, intensity=intensity,
-                                            engine=engine, on_progress=on_progress)
+                                            engine=engine, stopRule=stopRule, on_progress=on_progress)
         result = engine.wait(request, timeout).value()
         return self.writeResult(volumeNode, result, segmentationNode, access, replaceSegments)
 

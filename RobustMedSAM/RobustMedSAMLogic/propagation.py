@@ -27,15 +27,21 @@ from . import volumes
 
 @dataclass
 class PropagationOptions:
+    """The propagate effect's options; None (and projection "auto") take the engine's defaults: the stop
+    rule's IoU threshold and box extension, the model's projection (boxes for box-trained models)."""
+
     axis: int = 0
-    iou_threshold: float = 0.5
-    projection: str = "mask"
-    box_extension: float = 0.025
+    iou_threshold: Optional[float] = None
+    projection: str = "auto"
+    box_extension: Optional[float] = None
     slice_range: Optional[Tuple[int, int]] = None
+    stop_rule: Optional[str] = None
 
     def engine_kwargs(self) -> dict:
-        return {"iou_threshold": float(self.iou_threshold), "projection": self.projection,
-                "box_extension": float(self.box_extension), "slice_range": self.slice_range}
+        return {"iou_threshold": None if self.iou_threshold is None else float(self.iou_threshold),
+                "projection": None if self.projection in (None, "auto") else self.projection,
+                "box_extension": None if self.box_extension is None else float(self.box_extension),
+                "slice_range": self.slice_range, "stop_rule": self.stop_rule}
 
 
 @dataclass

@@ -57,10 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--axis", default="k", help="slicing axis: k/j/i or axial/coronal/sagittal (default k)")
     p.add_argument("--intensity", default="auto",
-                   help="auto (CT soft tissue / MR percentiles), soft_tissue, lung, bone, brain, MR or LEVEL,WIDTH")
-    p.add_argument("--iou-threshold", type=float, default=0.5)
-    p.add_argument("--projection", default="mask")
-    p.add_argument("--box-extension", type=float, default=0.025)
+                   help="auto (CT: the engine's default window; MR: percentiles), a window preset (wide, soft_tissue, "
+                        "lung, bone, brain), MR, or LEVEL,WIDTH")
+    p.add_argument("--stop-rule", default=None, help="consistency (default) or micro-sam")
+    p.add_argument("--iou-threshold", type=float, default=None, help="default: the stop rule's")
+    p.add_argument("--projection", default="auto", help="auto (the model's: boxes for box-trained models), mask, "
+                                                         "box, points, points_and_mask, single_point")
+    p.add_argument("--box-extension", type=float, default=None, help="default: the stop rule's")
     p.add_argument("--slice-range", type=int, nargs=2, metavar=("FIRST", "LAST"))
     p.add_argument("--no-propagation", action="store_true", help="segment only the prompted slices")
     p.add_argument("--offline", action="store_true", help="never download weights")
@@ -163,7 +166,7 @@ def run(args: argparse.Namespace, scene=None, loaded=None) -> int:
 
     seg_node, ids, result = logic.segmentVolume(
         volume_node, objects, axis=args.axis, propagate=not args.no_propagation, iouThreshold=args.iou_threshold,
-        projection=args.projection, boxExtension=args.box_extension,
+        projection=args.projection, boxExtension=args.box_extension, stopRule=args.stop_rule,
         sliceRange=tuple(args.slice_range) if args.slice_range else None, intensity=args.intensity, engine=engine,
         progress=report)
     if not args.quiet:

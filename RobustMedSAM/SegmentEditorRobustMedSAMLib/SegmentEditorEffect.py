@@ -221,7 +221,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return
         segNode, volumeNode = psn.GetSegmentationNode(), psn.GetSourceVolumeNode()
         try:
-            self.writer = segments.SegmentWriter(segments.EffectAccess(self.scriptedEffect, segNode), segNode, volumeNode)
+            access = segments.EffectAccess(self.scriptedEffect, segNode)
+            self.writer = segments.SegmentWriter(access, segNode, volumeNode)
         except Exception as e:  # e.g. a segmentation stored as closed surfaces: say what to do
             self._status(str(e))
             return
@@ -259,7 +260,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         def prefetch(axis, index):
             self._engine().prefetch(volumeNode, axis, index, self._intensity())
 
-        self.session = PromptSession(predict, show, write, prefetch, self.scriptedEffect.parameter("Multimask") or "auto")
+        multimask = self.scriptedEffect.parameter("Multimask") or "auto"
+        self.session = PromptSession(predict, show, write, prefetch, multimask)
         self.session.on_change = self._afterAnswer
 
     def _afterAnswer(self):

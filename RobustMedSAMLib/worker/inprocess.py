@@ -16,7 +16,8 @@ class InProcessClient(_BaseClient):
     """The :class:`WorkerClient` interface over an :class:`~.service.EngineService` in this process.
 
     ``submit`` runs the request at once (in the calling thread; progress callbacks are called as it goes) but,
-    like the worker, calls ``on_done`` from :meth:`poll`/:meth:`wait` only. Fields and results pass through the wire codec (``roundtrip``).
+    like the worker, calls ``on_done`` from :meth:`poll`/:meth:`wait` only. Fields and results pass through
+    the wire codec (``roundtrip``).
     """
 
     def __init__(self, service=None, roundtrip: bool = True) -> None:

@@ -31,11 +31,11 @@ DATACLASSES = {
     "Prompt": "RobustMedSAMLib.prompts:Prompt",
     "Prediction": "RobustMedSAMLib.prompts:Prediction",
     "ObjectPrompts": "RobustMedSAMLib.prompt_files:ObjectPrompts",
-    "SliceRecord": "RobustMedSAMLib.propagation:SliceRecord",
-    "StopReason": "RobustMedSAMLib.propagation:StopReason",
-    "PropagationResult": "RobustMedSAMLib.propagation:PropagationResult",
-    "ObjectResult": "RobustMedSAMLib.volume_segmentation:ObjectResult",
-    "VolumeResult": "RobustMedSAMLib.volume_segmentation:VolumeResult",
+    "SliceRecord": "RobustMedSAMLib.propagation_types:SliceRecord",
+    "StopReason": "RobustMedSAMLib.propagation_types:StopReason",
+    "PropagationResult": "RobustMedSAMLib.propagation_types:PropagationResult",
+    "ObjectResult": "RobustMedSAMLib.volume_results:ObjectResult",
+    "VolumeResult": "RobustMedSAMLib.volume_results:VolumeResult",
     "RobustnessRow": "RobustMedSAMLib.robustness:RobustnessRow",
 }
 _DTYPES = {"|b1", "|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8", "<f2", "<f4", "<f8"}

@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -156,8 +156,10 @@ class EngineService:
             self.loaded = load_model(None, checkpoint, device=device)
         elif checkpoint:
             self.loaded = load_model(model, checkpoint, device=device)
+        elif get_config(model).weights is None and get_config(model).family == "sam":
+            self.loaded = seeded_model(model, seed=int(seed), device=device)  # test configurations (tiny)
         elif get_config(model).weights is None:
-            self.loaded = seeded_model(model, seed=int(seed), device=device)
+            self.loaded = load_model(model, device=device)  # weights come with a package (litemedsam)
         else:
             def progress(done, total=None):
                 ctx.progress(done, total, "downloading the model weights")
@@ -261,7 +263,7 @@ class EngineService:
             if ctx.cancelled():
                 break
             if 0 <= z < segmenter.num_slices:
-                self.predictor.encode(segmenter.image(z), segmenter.context)
+                self.predictor.encode(segmenter.model_image(z), segmenter.context)
         return {"encoded": self.predictor.encoder_calls - before}
 
     def do_predict(self, ctx, volume: str, axis: int, index: int, prompt, mapping: Any = "auto",
@@ -271,8 +273,7 @@ class EngineService:
         segmenter = self.segmenter(volume, mapping, axis)
         if not 0 <= int(index) < segmenter.num_slices:
             raise RequestError(f"slice {index} is outside the volume (0..{segmenter.num_slices - 1} along this axis)")
-        pred = self.predictor.predict(prompt, multimask=bool(multimask), image=segmenter.image(int(index)),
-                                      context=segmenter.context)
+        pred = segmenter.predict_candidates(int(index), prompt, bool(multimask))
         if not logits:
             pred = Prediction(pred.masks, np.zeros((len(pred.iou), 0, 0), np.float32), pred.iou, pred.low_res_logits)
         return pred
