@@ -1,7 +1,7 @@
 """GPU helpers: mixed-precision autocast, batched encoding with out-of-memory recovery, lookahead planning.
 
 Nothing here changes results on the CPU: :func:`autocast` is a no-op there, and the CPU encoder has its own
-fast path (``modeling/image_encoder.py``). These helpers are small on purpose; their logic is tested on the
+fast path (``modeling/image_encoder.py``, in float32 or bf16: ``precision.py``). These helpers are small on purpose; their logic is tested on the
 CPU (``Testing/test_acceleration.py``, with an injected fake out-of-memory error).
 
 Intended call sites (wired by the predictor / propagation owners):
@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, List, Optional, Sequence, Union
+from typing import Callable, ContextManager, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -40,12 +40,25 @@ def autocast_dtype(device: DeviceLike) -> Optional[torch.dtype]:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def autocast(device: DeviceLike, enabled: bool = True) -> ContextManager:
-    """``torch.autocast`` for CUDA (see :func:`autocast_dtype`); a do-nothing context elsewhere."""
-    dtype = autocast_dtype(device) if enabled else None
-    if dtype is None or not torch.cuda.is_available():
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: DeviceLike, enabled: bool = True, dtype: Optional[torch.dtype] = None) -> ContextManager:
+    """``torch.autocast`` for CUDA in ``dtype`` (default :func:`autocast_dtype`); a do-nothing context
+    elsewhere (the CPU's bf16 path is written out, ``modeling/bf16.py``, not autocast)."""
+    default = autocast_dtype(device) if enabled else None
+    if default is None or not torch.cuda.is_available():
         return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type="cuda", dtype=dtype or default)
+
+
+def model_autocast(model) -> Tuple[bool, Optional[torch.dtype]]:
+    """(use autocast, dtype) for encoding with ``model`` on CUDA, from its ``precision``
+    (``precision.set_precision``): "fp32" -> none, "bf16"/"fp16" -> that dtype, unset -> the default."""
+    precision = getattr(model, "precision", None)
+    if precision is None:
+        return True, None
+    return precision in _DTYPES, _DTYPES.get(precision)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -106,7 +119,8 @@ def encode_batched(model, images: Sequence[torch.Tensor], batch_size: int = 4, *
                    encode_fn: Optional[Callable] = None, report: Optional[BatchLog] = None) -> list:
     """Encode prepared images (each ``(3, S, S)`` or ``(1, 3, S, S)``, on the host) in batches.
 
-    On CUDA each batch goes through pinned host memory and runs under :func:`autocast`. If a batch runs out
+    On CUDA each batch goes through pinned host memory and runs under :func:`autocast` in the model's precision
+    (:func:`model_autocast`; ``use_autocast=False`` turns it off). If a batch runs out
     of memory it is halved and retried; if one image alone does not fit, the model is moved to the CPU
     (``cpu_fallback``, logged) and the remaining images are encoded there. Returns one float32
     :class:`~RobustMedSAMLib.modeling.model.ImageEncoding` (batch 1) per image, in order, all on the
@@ -119,6 +133,8 @@ def encode_batched(model, images: Sequence[torch.Tensor], batch_size: int = 4, *
     inputs = [img if img.dim() == 4 else img[None] for img in images]
     results: list = []
     size = int(batch_size)
+    wanted, dtype = model_autocast(model)
+    use_autocast = use_autocast and wanted
     i = 0
     while i < len(inputs):
         device = torch.device(model.device)
@@ -126,7 +142,7 @@ def encode_batched(model, images: Sequence[torch.Tensor], batch_size: int = 4, *
         try:
             batch = _to_device(torch.cat([c.cpu() for c in chunk]) if device.type == "cuda" else torch.cat(chunk),
                                device)
-            with torch.inference_mode(), autocast(device, enabled=use_autocast):
+            with torch.inference_mode(), autocast(device, enabled=use_autocast, dtype=dtype):
                 encoding = encode(model, batch, robust)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled
             if not is_out_of_memory(exc):

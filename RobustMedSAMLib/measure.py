@@ -15,7 +15,6 @@ GEMM_SHAPES = ((4096, 768, 3072), (4096, 3072, 768), (4096, 768, 2304))
 QUICK_GEMM_SHAPES = ((256, 128, 512),)
 
 
-
 def encoder_flops(arch, batch: int = 1) -> Dict[str, float]:
     """FLOPs of one encoder forward of ``batch`` images by part (formula in ``bench.py``'s docstring)."""
     side = arch.image_size // arch.patch_size
@@ -51,16 +50,18 @@ def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1, sync: Call
     return times
 
 
-def gemm_rate(shapes: Sequence = GEMM_SHAPES, repeats: int = 5) -> Dict[str, Any]:
-    """fp32 GEMM rate in FLOP/s: total FLOPs / total median time over ``shapes`` (M, K, N)."""
+def gemm_rate(shapes: Sequence = GEMM_SHAPES, repeats: int = 5, dtype: torch.dtype = torch.float32
+              ) -> Dict[str, Any]:
+    """GEMM rate in FLOP/s of ``dtype`` (float32 or bfloat16): total FLOPs / total median time over ``shapes``
+    (M, K, N), as the encoder's linear layers run them (``addmm`` into a preallocated output)."""
     gen = torch.Generator().manual_seed(0)
     total_flops = total_time = 0.0
     per_shape = {}
     for m, k, n in shapes:
-        a = torch.randn(m, k, generator=gen)
-        b = torch.randn(n, k, generator=gen)
-        bias = torch.randn(n, generator=gen)
-        out = torch.empty(m, n)
+        a = torch.randn(m, k, generator=gen).to(dtype)
+        b = torch.randn(n, k, generator=gen).to(dtype)
+        bias = torch.randn(n, generator=gen).to(dtype)
+        out = torch.empty(m, n, dtype=dtype)
         times = median_time(lambda: torch.addmm(bias, a, b.t(), out=out), max(3, repeats), warmup=2)
         med = statistics.median(times)
         per_shape[f"{m}x{k}x{n}"] = 2.0 * m * k * n / med
@@ -123,4 +124,5 @@ def counted_flops(fn: Callable[[], Any]) -> Optional[float]:
 
 
 def stats(times: List[float]) -> Dict[str, Any]:
-    return {"median": statistics.median(times), "min": min(times), "runs": times}
+    """Median, min, max and every run of a list of timings (the max shows how noisy the run was)."""
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "runs": times}
