@@ -36,6 +36,29 @@ def encoder_flops(arch, batch: int = 1) -> Dict[str, float]:
     return out
 
 
+def encoder_flops_bf16(arch, batch: int = 1) -> Dict[str, float]:
+    """FLOPs the encoder's bf16 path executes (``modeling/encoder_bf16.py``): the linear layers twice (split
+    weights ``W_hi + W_lo``), attention on extended queries/keys of ``hd + h + w`` columns (padded to 32)
+    instead of ``hd``; patch embedding, rel-pos terms and neck as in :func:`encoder_flops`."""
+    from .modeling.encoder_bf16 import augmented_width
+
+    f = dict(encoder_flops(arch, batch))
+    side = arch.image_size // arch.patch_size
+    hd = arch.embed_dim // arch.num_heads
+    w = arch.window_size
+    n, c = side * side, arch.embed_dim
+    n_global = len(arch.global_attn_indexes)
+    n_window = arch.depth - n_global
+    nw = math.ceil(side / w) ** 2 if w > 0 else 0
+    f["linear"] *= 2
+    f["global_attention"] = batch * n_global * (4.0 * n * n * c * augmented_width(hd, side, side) / hd
+                                                + 2.0 * n * 2 * side * c)
+    f["window_attention"] = batch * n_window * (4.0 * nw * (w * w) ** 2 * c * augmented_width(hd, w, w) / hd
+                                                + 4.0 * nw * w * w * w * c)
+    f["total"] = sum(v for k, v in f.items() if k != "total")
+    return f
+
+
 def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1, sync: Callable[[], None] = lambda: None
                  ) -> List[float]:
     for _ in range(warmup):
