@@ -226,11 +226,13 @@ def _cuda_autocast_name(device: torch.device) -> str:
 
 
 def choose_precision(requested: Optional[str], model: Optional[str], device,
-                     probe_fn: Callable[[], Dict[str, float]] = probe,
-                     native_fn: Callable[[], str] = native_bf16) -> PrecisionChoice:
+                     probe_fn: Optional[Callable[[], Dict[str, float]]] = None,
+                     native_fn: Optional[Callable[[], str]] = None) -> PrecisionChoice:
     """The precision for ``model`` (a named configuration, or None for an unnamed checkpoint) on ``device``.
 
-    ``probe_fn`` / ``native_fn`` are the probe and the CPU check (replaceable in tests)."""
+    ``probe_fn`` / ``native_fn``: the probe and the CPU check (default: :func:`probe`, :func:`native_bf16`)."""
+    probe_fn = probe_fn or probe
+    native_fn = native_fn or native_bf16
     req = check(requested)
     dev = torch.device(device)
     if dev.type == "cuda":

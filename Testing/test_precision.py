@@ -123,6 +123,8 @@ def _vit_b_e2e_cases(model):
     x, frame = prepare_image(image, Preprocessing("sam"))
     box = torch.as_tensor(frame.boxes_to_model(np.array([ref["meta.box"]], dtype=np.float64)), dtype=torch.float32)
     encodings = {p: _run(model, p, lambda: model.image_encoder(x)) for p in ("fp32", "bf16")}
+    (emb32, _), (emb16, _) = encodings["fp32"], encodings["bf16"]
+    rel = float((emb16.double() - emb32.double()).norm() / emb32.double().norm())
     out = {}
     for mode in MODES:
         model.set_batchnorm_mode(mode)
@@ -138,7 +140,7 @@ def _vit_b_e2e_cases(model):
                 masks[p] = _run(model, p, fn)
             out[(path, mode, "box")] = _differing(masks["bf16"], masks["fp32"])
     model.set_batchnorm_mode("running")
-    return out
+    return out, rel
 
 
 def _report(name, cases):
@@ -148,28 +150,30 @@ def _report(name, cases):
     return worst
 
 
-def test_tiny_parity_gate():
+def test_tiny_parity_gate(one_thread):
     gate = P.GATES["tiny"]
-    worst = _report("tiny", _tiny_cases())
+    cases = _tiny_cases()
+    worst = _report("tiny", cases)
     assert worst <= gate.limit and gate.holds
+    assert max(cases.values()) > 0  # bf16 really ran: some pixel flipped somewhere
 
 
 @pytest.mark.slow
 def test_vit_b_parity_gates(vit_b):
-    """The gates of the ViT-B models: the decoder cases and the end-to-end case, per decoder path."""
+    """The gates of the ViT-B models: the decoder cases and the end-to-end case, per decoder path (robust:
+    RobustMedSAM, RobustSAM; SAM: MedSAM, SAM)."""
     dec = _vit_b_decoder_cases(vit_b)
-    e2e = _vit_b_e2e_cases(vit_b)
+    e2e, rel = _vit_b_e2e_cases(vit_b)
     _report("vit_b decoder", dec)
     _report("vit_b e2e", e2e)
-    by_path = {path: max([v for k, v in {**dec, **e2e}.items() if k[0] == path]) for path in PATHS}
-    assert by_path["clear"] == max(v for k, v in e2e.items() if k[0] == "clear") or by_path["clear"] >= 0
+    print(f"vit_b e2e: relative difference of the embeddings {rel:.2e}")
+    assert 1e-4 < rel < 1e-2  # bf16 really ran (a float32-vs-float32 comparison would pass any gate)
+    worst = {path: max(v for k, v in {**dec, **e2e}.items() if k[0] == path) for path in PATHS}
     for model, path in (("robustmedsam", "robust"), ("robustsam", "robust"), ("medsam", "clear"),
                         ("sam-vit-b", "clear")):
         gate = P.GATES[model]
-        assert by_path[path] <= gate.limit, (model, by_path[path])
+        assert worst[path] <= gate.limit, (model, worst[path])
         assert gate.holds
-    # bf16 really ran: the encodings differ from float32 (a gate that compares float32 with itself passes)
-    assert max(e2e.values()) > 0 or max(dec.values()) > 0 or True
 
 
 def test_every_named_gate_is_for_a_known_model():
