@@ -313,29 +313,42 @@ def bench_propagation(loaded, slices: int, encoder_seconds: float, features_seco
             "cache_bytes": predictor.cache.bytes}
 
 
-def bench_gpu(loaded, repeats: int, log) -> Optional[Dict[str, Any]]:
+def bench_gpu(loaded, repeats: int, log, slices: int = 4) -> Optional[Dict[str, Any]]:
+    """CUDA rows: encoder in float32 and under the engine's autocast (bf16 where supported, else fp16),
+    batched encoding (4) against one at a time, peak CUDA memory, prompt -> mask and a propagation with the
+    GPU's lookahead batches. The model is moved to the GPU and back."""
     if not torch.cuda.is_available():
         return None
     from .acceleration import autocast, encode_batched
+    from .precision import choose_precision, set_precision
 
     model = loaded.model.to("cuda")
+    amp = choose_precision("auto", None, "cuda").precision
     x = _input(loaded.config.architecture)
     xc = x.cuda()
     sync = torch.cuda.synchronize
-    out: Dict[str, Any] = {"device": torch.cuda.get_device_name()}
-    with torch.inference_mode():
-        torch.cuda.reset_peak_memory_stats()
-        out["encoder_fp32"] = stats(median_time(lambda: model.image_encoder(xc), repeats, 2, sync))
-        out["peak_fp32_bytes"] = torch.cuda.max_memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        with autocast("cuda"):
-            out["encoder_autocast"] = stats(median_time(lambda: model.image_encoder(xc), repeats, 2, sync))
-        out["peak_autocast_bytes"] = torch.cuda.max_memory_allocated()
-    batch = [x[0]] * 4
-    times = median_time(lambda: encode_batched(model, batch, 4), repeats, 1, sync)
-    out["encode_batched_4_per_slice"] = statistics.median(times) / 4
-    log("gpu: done")
-    model.to("cpu")
+    out: Dict[str, Any] = {"device": torch.cuda.get_device_name(), "autocast": amp}
+    try:
+        with torch.inference_mode():
+            torch.cuda.reset_peak_memory_stats()
+            out["encoder_fp32"] = stats(median_time(lambda: model.image_encoder(xc), repeats, 2, sync))
+            out["peak_fp32_bytes"] = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            with autocast("cuda"):
+                out["encoder_autocast"] = stats(median_time(lambda: model.image_encoder(xc), repeats, 2, sync))
+            out["peak_autocast_bytes"] = torch.cuda.max_memory_allocated()
+        set_precision(model, amp)  # what load_model(device="cuda") sets up
+        batch = [x[0]] * 4
+        times = median_time(lambda: encode_batched(model, batch, 4), repeats, 1, sync)
+        out["encode_batched_4_per_slice"] = statistics.median(times) / 4
+        single = median_time(lambda: encode_batched(model, batch[:1], 1), repeats, 1, sync)
+        out["encode_single_per_slice"] = statistics.median(single)
+        out["decoder"] = bench_decoder(loaded, repeats)
+        out["propagation"] = bench_propagation(loaded, slices, out["encode_single_per_slice"])
+        log("gpu: done")
+    finally:
+        model.to("cpu")
+        set_precision(model, "fp32")
     return out
 
 
@@ -397,7 +410,7 @@ def run_benchmark(quick: bool = False, slices: int = 4, repeats: int = 3, memory
         feats_b = enc.get("robust_features_bf16")
         res["propagation_bf16"] = bench_propagation(loaded_bf16, slices, enc["ours_bf16"]["median"],
                                                     feats_b["median"] if feats_b else 0.0)
-    res["gpu"] = bench_gpu(loaded, repeats, log)
+    res["gpu"] = bench_gpu(loaded, repeats, log, slices)
     res["memory"] = measure_memory(quick, slices, log, with_bf16) if memory else None
     log("gemm rate (after)")
     res["gemm"]["after"] = gemm_rate(shapes, repeats=max(3, repeats))["flops_per_s"]

@@ -106,11 +106,18 @@ def format_table(res: Dict[str, Any]) -> str:
                          f" (model loaded: {_gb(mb['baseline_bytes'])})"))
     gpu = res.get("gpu")
     if gpu:
-        rows.append((f"GPU encoder fp32 / autocast ({gpu['device']})",
-                     f"{gpu['encoder_fp32']['median'] * 1e3:.0f} / {gpu['encoder_autocast']['median'] * 1e3:.0f} ms"))
-        rows.append(("GPU batched encoding (4) per slice; peak CUDA memory fp32 / autocast",
-                     f"{gpu['encode_batched_4_per_slice'] * 1e3:.0f} ms; {_gb(gpu['peak_fp32_bytes'])} / "
-                     f"{_gb(gpu['peak_autocast_bytes'])}"))
+        rows.append((f"GPU encoder fp32 / autocast {gpu.get('autocast', '')} ({gpu['device']}; ms)",
+                     f"{_t(gpu['encoder_fp32'], 1e3, '.0f')} / {_t(gpu['encoder_autocast'], 1e3, '.0f')}"))
+        rows.append(("GPU encoding per slice (engine: pinned memory, autocast): batches of 4 / one at a time; "
+                     "peak CUDA memory fp32 / autocast",
+                     f"{gpu['encode_batched_4_per_slice'] * 1e3:.0f} / "
+                     f"{gpu.get('encode_single_per_slice', float('nan')) * 1e3:.0f} ms; "
+                     f"{_gb(gpu['peak_fp32_bytes'])} / {_gb(gpu['peak_autocast_bytes'])}"))
+        if gpu.get("decoder"):
+            gp = gpu["propagation"]
+            rows.append(("GPU prompt -> mask (ms); propagation (lookahead batches)",
+                         f"{_t(gpu['decoder'], 1e3, '.0f')}; {gp['seconds']:.2f} s over {gp['slices']} slices "
+                         f"({gp['encoder_calls']} encoded)"))
     load = ""
     if c.get("load_before") is not None:
         load = f"; 1-min load {c['load_before'][0]:.2f} before, {c.get('load_after', [float('nan')])[0]:.2f} after"
