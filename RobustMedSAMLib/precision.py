@@ -71,17 +71,18 @@ class Gate:
         return self.value is not None and self.value <= self.limit
 
 
-_PARITY = "fraction of mask pixels differing, bf16 vs fp32, parity cases"
-_TEST = "Testing/test_precision.py::test_parity_gates (seeded weights, Testing/data/parity)"
+_PARITY = "fraction of mask pixels differing, bf16 vs fp32, worst parity case"
+_TEST = "Testing/test_precision.py (re-measured on every run; seeded weights and inputs of Testing/data/parity)"
 
 # One line per model: Gate(measure, limit, measured value, evidence). A model without a line keeps fp32 under
-# auto. Values measured on an Intel Xeon with AMX-BF16, torch 2.14.1 (2026-12-03); the test re-measures them.
+# auto. Measured 2026-12-03 on an Intel Xeon with AMX-BF16, torch 2.14.1 (robust path: the ViT-B end-to-end
+# case in per-sample BatchNorm mode; the decoder-only cases reached 0.0027; SAM path: the end-to-end case).
 GATES: Dict[str, Gate] = {
-    "robustmedsam": Gate(f"{_PARITY} (ViT-B, robust decoder path)", 0.005, 0.0012, _TEST),
-    "robustsam": Gate(f"{_PARITY} (ViT-B, robust decoder path)", 0.005, 0.0012, _TEST),
-    "medsam": Gate(f"{_PARITY} (ViT-B, SAM decoder path)", 0.005, 0.0012, _TEST),
-    "sam-vit-b": Gate(f"{_PARITY} (ViT-B, SAM decoder path)", 0.005, 0.0012, _TEST),
-    "tiny": Gate(f"{_PARITY} (tiny test model, both paths)", 0.005, 0.0, _TEST),
+    "robustmedsam": Gate(f"{_PARITY} (ViT-B, robust decoder path)", 0.005, 0.0041, _TEST),
+    "robustsam": Gate(f"{_PARITY} (ViT-B, robust decoder path)", 0.005, 0.0041, _TEST),
+    "medsam": Gate(f"{_PARITY} (ViT-B, SAM decoder path)", 0.005, 0.0009, _TEST),
+    "sam-vit-b": Gate(f"{_PARITY} (ViT-B, SAM decoder path)", 0.005, 0.0009, _TEST),
+    "tiny": Gate(f"{_PARITY} (tiny test model, both paths)", 0.005, 0.0023, _TEST),
 }
 
 

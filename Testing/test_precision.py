@@ -3,7 +3,8 @@ chooses (the CPU check and the probe forced both ways).
 
 The gates (``RobustMedSAMLib.precision.GATES``) are re-measured here on the parity cases of
 ``Testing/data/parity`` (the seeded weights and inputs of the official-code references): the same model runs
-in float32 and in bf16 and the fraction of mask pixels that differ must stay within the gate's limit (0.5 %).
+in float32 and in bf16 and the fraction of mask pixels that differ must stay within the gate's limit (0.5 %)
+and not exceed the value recorded in the table by more than ``STALE``.
 bf16 is emulated (slowly) on CPUs without native bf16, so these tests run everywhere.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from RobustMedSAMLib.seeded import seed_module, seeded_array, seeded_image
 PARITY = Path(__file__).resolve().parent / "data" / "parity"
 MODES = ("running", "per_sample")
 PATHS = ("clear", "robust")
+STALE = 0.001  # a re-measured gate may exceed the value recorded in GATES by this much (other CPUs' kernels)
 
 
 def _load(name):
@@ -155,6 +157,7 @@ def test_tiny_parity_gate(one_thread):
     cases = _tiny_cases()
     worst = _report("tiny", cases)
     assert worst <= gate.limit and gate.holds
+    assert worst <= gate.value + STALE  # the table's recorded value is not out of date
     assert max(cases.values()) > 0  # bf16 really ran: some pixel flipped somewhere
 
 
@@ -173,7 +176,7 @@ def test_vit_b_parity_gates(vit_b):
                         ("sam-vit-b", "clear")):
         gate = P.GATES[model]
         assert worst[path] <= gate.limit, (model, worst[path])
-        assert gate.holds
+        assert gate.holds and worst[path] <= gate.value + STALE, (model, worst[path], gate.value)
 
 
 def test_every_named_gate_is_for_a_known_model():

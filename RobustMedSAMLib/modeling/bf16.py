@@ -54,12 +54,32 @@ def split_params(layer: nn.Module, stacked: bool = True):
     if pack is None or pack[0] != stamp:
         with torch.no_grad():
             w = layer.weight.detach()
-            hi = w.to(DTYPE)
-            lo = (w - hi.float()).to(DTYPE)
+            o, i = w.shape[0], w[0].numel()
+            if stacked:
+                both = torch.empty(o, 2 * i, dtype=DTYPE, device=w.device)
+                _split_into(w.reshape(o, i), both[:, :i], both[:, i:])
+                weight = both
+            else:
+                hi, lo = torch.empty_like(w, dtype=DTYPE), torch.empty_like(w, dtype=DTYPE)
+                _split_into(w.reshape(o, i), hi.view(o, i), lo.view(o, i))
+                weight = (hi, lo)
             bias = None if layer.bias is None else layer.bias.detach().to(DTYPE)
-            pack = (stamp, (torch.cat([hi, lo], dim=1) if stacked else (hi, lo), bias))
+            pack = (stamp, (weight, bias))
         layer.__dict__[_SPLIT] = pack
     return pack[1]
+
+
+def _split_into(w: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, rows: int = 256) -> None:
+    """``hi = bf16(w)``, ``lo = bf16(w - hi)`` for a 2-D float32 ``w``, a block of rows at a time (the
+    float32 remainder stays in cache: about twice as fast as whole-tensor ops when a model is set up)."""
+    rest = torch.empty(min(rows, w.shape[0]), w.shape[1], dtype=w.dtype, device=w.device)
+    for a in range(0, w.shape[0], rows):
+        b = min(w.shape[0], a + rows)
+        hi[a:b].copy_(w[a:b])
+        r = rest[:b - a]
+        r.copy_(hi[a:b])
+        torch.sub(w[a:b], r, out=r)
+        lo[a:b].copy_(r)
 
 
 def drop(module: nn.Module) -> None:

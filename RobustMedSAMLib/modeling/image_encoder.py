@@ -81,19 +81,22 @@ class FastPathOptions:
         ``SDPA_FUSED``) or "matmul" (``baddbmm_`` onto the bias + in-place softmax + ``bmm``).
     chunk_bytes: size budget of one block of attention scores / bias (query rows per chunk follow).
     mlp_tokens: tokens per MLP chunk (hidden activation ``mlp_tokens x 4C`` floats).
+    mlp_tokens_bf16: the same on the bf16 path: bf16 GEMMs of 1024 rows ran on one of 2 threads only (oneDNN's
+        partitioning of a 1024 x 768 output), 2048 rows on both.
     """
 
     attention: str = "sdpa" if SDPA_FUSED else "matmul"
     chunk_bytes: int = 16 << 20
     mlp_tokens: int = 1024
+    mlp_tokens_bf16: int = 2048
 
     def __post_init__(self) -> None:
         if self.attention not in ("sdpa", "matmul"):
             raise ValueError(f"attention must be 'sdpa' or 'matmul', got {self.attention!r}")
         if self.attention == "sdpa" and not SDPA_FUSED:
             raise ValueError("attention='sdpa' needs PyTorch >= 2.2 (fused CPU kernel, scale argument)")
-        if self.chunk_bytes < 1 or self.mlp_tokens < 1:
-            raise ValueError("chunk_bytes and mlp_tokens must be positive")
+        if self.chunk_bytes < 1 or self.mlp_tokens < 1 or self.mlp_tokens_bf16 < 1:
+            raise ValueError("chunk_bytes, mlp_tokens and mlp_tokens_bf16 must be positive")
 
 
 class _Scratch:
@@ -185,16 +188,18 @@ def _global_attention(attn: Attention, qkv: torch.Tensor, size: Tuple[int, int, 
     out = scratch.get("attn_out", B, N, nh, hd)
     rows = max(1, min(H, opts.chunk_bytes // (scratch.itemsize * W * N)))
     extended = _extended(scratch, opts, attn)
-    rel_dtype = torch.float32 if extended else scratch.dtype  # extended: rel-pos terms computed in float32
-    rh = _rel_pos(H, attn.rel_pos_h, rel_dtype) if attn.use_rel_pos else None
-    rw = _rel_pos(W, attn.rel_pos_w, rel_dtype) if attn.use_rel_pos else None
+    rh = _rel_pos(H, attn.rel_pos_h, scratch.dtype) if attn.use_rel_pos else None
+    rw = _rel_pos(W, attn.rel_pos_w, scratch.dtype) if attn.use_rel_pos else None
     if extended:  # bf16: rel-pos bias folded into the GEMM (encoder_bf16.py)
         ext = scratch.get("extended", 3, 1, N, encoder_bf16.augmented_width(hd, H, W))
+        first = True
         for b in range(B):
             for h in range(nh):
                 for j in range(3):
                     ext[j, 0, :, :hd].copy_(heads[b, :, j, h])
-                out[b, :, h].copy_(encoder_bf16.attend(ext[0], ext[1], ext[2], rh, rw, (H, W), attn.scale)[0])
+                out[b, :, h].copy_(encoder_bf16.attend(ext[0], ext[1], ext[2], rh, rw, (H, W), attn.scale,
+                                                       constants=first)[0])
+                first = False
         return out.view(B * N, C)
     for b in range(B):
         for h in range(nh):
@@ -259,12 +264,11 @@ def _window_attention(attn: Attention, xn: torch.Tensor, ws: int, scratch: _Scra
     out = scratch.get("attn_out", B, H, W, nh, hd)
     pad_value = None
     if ph or pw:
-        qkv_bias = _params(attn.qkv, scratch.dtype)[1]
+        qkv_bias = _params(attn.qkv, scratch.dtype)[1] if scratch.dtype == torch.float32 else bf16.split_params(attn.qkv)[1]
         pad_value = qkv_bias.view(3, nh, hd) if qkv_bias is not None else xn.new_zeros(3, nh, hd)
     extended = _extended(scratch, opts, attn)
-    rel_dtype = torch.float32 if extended else scratch.dtype  # extended: rel-pos terms computed in float32
-    rh = _rel_pos(ws, attn.rel_pos_h, rel_dtype) if attn.use_rel_pos else None
-    rw = _rel_pos(ws, attn.rel_pos_w, rel_dtype) if attn.use_rel_pos else None
+    rh = _rel_pos(ws, attn.rel_pos_h, scratch.dtype) if attn.use_rel_pos else None
+    rw = _rel_pos(ws, attn.rel_pos_w, scratch.dtype) if attn.use_rel_pos else None
     per_row = nbw * nh  # (window, head) pairs in one row of windows
     rows = max(1, min(nbh, opts.chunk_bytes // (scratch.itemsize * per_row * T * T)))
     width = encoder_bf16.augmented_width(hd, ws, ws) if extended else hd
