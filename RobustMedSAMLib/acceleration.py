@@ -1,14 +1,15 @@
 """GPU helpers: mixed-precision autocast, batched encoding with out-of-memory recovery, lookahead planning.
 
 Nothing here changes results on the CPU: :func:`autocast` is a no-op there, and the CPU encoder has its own
-fast path (``modeling/image_encoder.py``, in float32 or bf16: ``precision.py``). These helpers are small on purpose; their logic is tested on the
-CPU (``Testing/test_acceleration.py``, with an injected fake out-of-memory error).
+fast path (``modeling/image_encoder.py``, float32 or bf16: ``precision.py``). These helpers are small on
+purpose; their logic is tested on the CPU (``Testing/test_acceleration.py``, with an injected fake
+out-of-memory error) and on a GPU by ``Testing/test_cuda.py`` (``scripts/gpu_check.sh``; not run yet).
 
 Intended call sites (wired by the predictor / propagation owners):
 
 * ``Predictor._encode_and_store``: ``with autocast(self.model.device): encoding = self.model.encode(x)``
-  (bf16 where the GPU supports it, else fp16; outputs are cast back to float32 by :func:`encode_batched`
-  and by the cache's ``_store``).
+  (in the model's ``precision``: bf16 where the GPU supports it, else fp16, or none for ``fp32``; outputs
+  are cast back to float32 by :func:`encode_batched` and by the cache's ``_store``).
 * Volume runs on a GPU (``VolumeSegmenter.predict_slice`` before predicting slice ``z`` in direction
   ``step``): ``todo = planner.plan(z, step, is_cached)`` with a :class:`LookaheadPlanner`; when ``todo`` is
   not empty, prepare those slices, ``encode_batched(model, inputs, planner.batch_size)`` and put each

@@ -262,7 +262,8 @@ def choose_precision(requested: Optional[str], model: Optional[str], device,
         return PrecisionChoice("bf16", req, "bf16 requested" + ("" if native else " (CPU without native bf16)"))
     gate = gate_for(model)
     if gate is None:
-        return PrecisionChoice("fp32", req, f"float32: no measured bf16 agreement gate for model {model or '(unnamed checkpoint)'}")
+        name = model or "(unnamed checkpoint)"
+        return PrecisionChoice("fp32", req, f"float32: no measured bf16 agreement gate for model {name}")
     if not gate.holds:
         return PrecisionChoice("fp32", req, f"float32: the bf16 gate of {model} does not hold ({gate.measure}: "
                                             f"{gate.value} > {gate.limit})")

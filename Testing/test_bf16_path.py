@@ -360,7 +360,8 @@ def test_precision_flag_on_every_model_command():
     from Training.evaluate import build_parser as evaluate_parser
 
     parser = build_parser()
-    common = {"segment": ["img.png", "-o", "m.png"], "segment-volume": ["v.nrrd", "--prompts", "p.json", "-o", "o.seg.nrrd"],
+    common = {"segment": ["img.png", "-o", "m.png"],
+              "segment-volume": ["v.nrrd", "--prompts", "p.json", "-o", "o.seg.nrrd"],
               "robustness": ["v.nrrd", "--prompts", "p.json"], "batch": ["--manifest", "m.csv"]}
     for command, args in common.items():
         assert parser.parse_args([command, *args]).precision == "auto"

@@ -94,7 +94,8 @@ def _vit_b_decoder_cases(model):
     inputs = []
     for name, shape, std in (("parity.vit_b.embeddings", (1, 256, 64, 64), float(ref["meta.embeddings_std"])),
                              ("parity.vit_b.early", (1, 64, 64, 768), float(ref["meta.early_std"]))):
-        inputs.append(torch.from_numpy(seeded_array(name, shape, seed) * np.float32(math.sqrt(math.prod(shape[1:])) * std)))
+        scale = np.float32(math.sqrt(math.prod(shape[1:])) * std)
+        inputs.append(torch.from_numpy(seeded_array(name, shape, seed) * scale))
     emb, early = inputs
     out = {}
     for mode in MODES:

@@ -73,16 +73,19 @@ def main(argv=None) -> int:
         masks = {k: np.asarray(Image.open(folder / f"{k}.png")) > 0 for k in ("fp32", "bf16", "auto")}
     inter = int((masks["fp32"] & masks["bf16"]).sum())
     union = int((masks["fp32"] | masks["bf16"]).sum())
+    differ = float((masks["fp32"] != masks["bf16"]).mean())
     res = {"times": times, "median": {k: statistics.median(v) for k, v in times.items()},
-           "iou": inter / union if union else 1.0, "pixels_differing": float((masks["fp32"] != masks["bf16"]).mean()),
-           "mask_pixels_fp32": int(masks["fp32"].sum()), "auto_equals_bf16": bool(np.array_equal(masks["auto"], masks["bf16"])),
-           "auto_note": auto_note, "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+           "iou": inter / union if union else 1.0, "pixels_differing": differ,
+           "mask_pixels_fp32": int(masks["fp32"].sum()),
+           "auto_equals_bf16": bool(np.array_equal(masks["auto"], masks["bf16"])), "auto_note": auto_note,
+           "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     res["ratio"] = res["median"]["bf16"] / res["median"]["fp32"]
+    note = auto_note.splitlines()[-1] if auto_note else "no note"
     print(f"whole process, medians of {args.rounds}: fp32 {res['median']['fp32']:.2f} s "
           f"[{min(times['fp32']):.2f}-{max(times['fp32']):.2f}], bf16 {res['median']['bf16']:.2f} s "
           f"[{min(times['bf16']):.2f}-{max(times['bf16']):.2f}] -> {res['ratio']:.2f}x; mask IoU {res['iou']:.4f} "
-          f"({res['pixels_differing'] * 100:.3f} % of pixels differ, {res['mask_pixels_fp32']} mask pixels); "
-          f"auto: {'bf16' if res['auto_equals_bf16'] else 'not bf16'} ({auto_note.splitlines()[-1] if auto_note else 'no note'})")
+          f"({differ * 100:.3f} % of pixels differ, {res['mask_pixels_fp32']} mask pixels); "
+          f"auto: {'bf16' if res['auto_equals_bf16'] else 'not bf16'} ({note})")
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
     return 0

@@ -34,6 +34,12 @@ seeded ViT-B weights, see ``Testing/test_fast_encoder.py``):
   ``Block``/``Attention``/``MLPBlock`` without forward hooks (the training adapters attach hooks, so
   adapted encoders take the reference path), float32, no gradient needed, no autocast active.
 
+* the **bf16 path** (``encoder.precision = "bf16"``, set by ``RobustMedSAMLib.precision.set_precision``;
+  CPU, float32 input): the fast path with bfloat16 scratch buffers, its transformer blocks computed by
+  ``encoder_bf16.block`` (split bf16 weights, rel-pos bias folded into extended queries/keys); patch
+  embedding, residual stream, LayerNorm, neck and outputs stay float32. :meth:`ImageEncoder.path_for` says
+  ``"fast-bf16"``. Its agreement with float32 is gated per model (``precision.GATES``).
+
 Switch: ``encoder.fast_path = None`` (default: fast on CPU, reference elsewhere), ``True`` (fast wherever
 it is exact, e.g. also on CUDA) or ``False`` (reference); the environment variable
 ``ROBUSTMEDSAM_ENCODER=reference`` forces the reference path process-wide. :meth:`ImageEncoder.path_for`
@@ -264,7 +270,8 @@ def _window_attention(attn: Attention, xn: torch.Tensor, ws: int, scratch: _Scra
     out = scratch.get("attn_out", B, H, W, nh, hd)
     pad_value = None
     if ph or pw:
-        qkv_bias = _params(attn.qkv, scratch.dtype)[1] if scratch.dtype == torch.float32 else bf16.split_params(attn.qkv)[1]
+        low = scratch.dtype != torch.float32
+        qkv_bias = bf16.split_params(attn.qkv)[1] if low else _params(attn.qkv, scratch.dtype)[1]
         pad_value = qkv_bias.view(3, nh, hd) if qkv_bias is not None else xn.new_zeros(3, nh, hd)
     extended = _extended(scratch, opts, attn)
     rh = _rel_pos(ws, attn.rel_pos_h, scratch.dtype) if attn.use_rel_pos else None
