@@ -126,9 +126,13 @@ def _to_device(model, device) -> None:
 
 def _apply_precision(model, requested: Optional[str], gated_name: Optional[str]) -> str:
     """Choose (``precision.choose_precision``) and set the model's precision; returns the logged reason."""
-    from .precision import choose_precision, set_precision
+    from .precision import PrecisionChoice, choose_precision, has_bf16_path, set_precision
 
     choice = choose_precision(requested, gated_name, model.device)
+    if choice.precision == "bf16" and model.device.type == "cpu" and choice.requested == "auto" \
+            and not has_bf16_path(model):
+        choice = PrecisionChoice("fp32", "auto", f"float32: the {type(model.image_encoder).__name__} encoder has "
+                                                 "no bf16 CPU path")
     set_precision(model, choice.precision)
     log.info("precision %s (%s)", choice.precision, choice.reason)
     return choice.reason

@@ -288,14 +288,23 @@ def set_precision(model, precision: str) -> None:
 
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
-    model.precision = precision
     cpu_bf16 = precision == "bf16" and model.device.type == "cpu"
-    model.image_encoder.set_precision("bf16" if cpu_bf16 else "fp32")
+    if cpu_bf16 and not has_bf16_path(model):
+        raise ValueError(f"{type(model.image_encoder).__name__} has no bf16 CPU path; use precision fp32")
+    model.precision = precision
+    if has_bf16_path(model):
+        model.image_encoder.set_precision("bf16" if cpu_bf16 else "fp32")
     plain, split = bf16_decoder_modules(model)
     bf16.set_modules(plain + split, False)
     if cpu_bf16:
         bf16.set_modules(plain, True)
         bf16.set_modules(split, "split")
+
+
+def has_bf16_path(model) -> bool:
+    """Whether the model's image encoder has the CPU bf16 path (our ViT encoder does; another encoder class,
+    e.g. a LiteMedSAM TinyViT, needs its own before auto may choose bf16 for it)."""
+    return callable(getattr(getattr(model, "image_encoder", None), "set_precision", None))
 
 
 def bf16_decoder_modules(model):

@@ -369,3 +369,20 @@ def test_precision_flag_on_every_model_command():
     ev = evaluate_parser()
     assert ev.parse_args(["--seeded-tiny", "-o", "out"]).precision == "fp32"  # evaluate: float32 by default
     assert ev.parse_args(["--seeded-tiny", "-o", "out", "--precision", "auto"]).precision == "auto"
+
+
+def test_models_without_a_bf16_encoder_path(monkeypatch):
+    """A model whose encoder has no bf16 path (another encoder class) stays float32 under auto even with a gate;
+    forcing bf16 is a clear error."""
+    from RobustMedSAMLib import models
+
+    _force_native(monkeypatch)
+    loaded = seeded_model("tiny")
+    plain = torch.nn.Module()  # an encoder class without set_precision
+    loaded.model.image_encoder = plain
+    assert not P.has_bf16_path(loaded.model)
+    reason = models._apply_precision(loaded.model, "auto", "tiny")
+    assert loaded.model.precision == "fp32" and "no bf16 CPU path" in reason
+    with pytest.raises(ValueError, match="no bf16 CPU path"):
+        P.set_precision(loaded.model, "bf16")
+    P.set_precision(loaded.model, "fp32")  # float32 always works
