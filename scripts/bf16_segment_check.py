@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -41,12 +42,15 @@ def _setup(folder: Path):
 def _segment(ckpt: Path, image: Path, out: Path, precision: str, env) -> tuple:
     cmd = [sys.executable, "-m", "RobustMedSAMLib.cli", "segment", str(image), "--model", "robustmedsam",
            "--checkpoint", str(ckpt), "--box", "100", "120", "380", "400", "-o", str(out), "--precision", precision]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    return seconds, proc.stderr.strip()
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return seconds, cpu, proc.stderr.strip()
 
 
 def main(argv=None) -> int:
@@ -64,17 +68,21 @@ def main(argv=None) -> int:
                    PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
         _segment(ckpt, image, folder / "warm.png", "fp32", env)  # file cache warm for both
         times = {"fp32": [], "bf16": []}
+        cpu = {"fp32": [], "bf16": []}
         for r in range(args.rounds):
             for precision in (("fp32", "bf16") if r % 2 == 0 else ("bf16", "fp32")):
-                seconds, _ = _segment(ckpt, image, folder / f"{precision}.png", precision, env)
+                seconds, used, _ = _segment(ckpt, image, folder / f"{precision}.png", precision, env)
                 times[precision].append(seconds)
-                print(f"round {r + 1}: {precision} {seconds:.2f} s", file=sys.stderr, flush=True)
-        _, auto_note = _segment(ckpt, image, folder / "auto.png", "auto", env)
+                cpu[precision].append(used)
+                print(f"round {r + 1}: {precision} {seconds:.2f} s (CPU {used:.2f} s, 1-min load "
+                      f"{os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
+        _, _, auto_note = _segment(ckpt, image, folder / "auto.png", "auto", env)
         masks = {k: np.asarray(Image.open(folder / f"{k}.png")) > 0 for k in ("fp32", "bf16", "auto")}
     inter = int((masks["fp32"] & masks["bf16"]).sum())
     union = int((masks["fp32"] | masks["bf16"]).sum())
     differ = float((masks["fp32"] != masks["bf16"]).mean())
-    res = {"times": times, "median": {k: statistics.median(v) for k, v in times.items()},
+    res = {"times": times, "cpu": cpu, "median": {k: statistics.median(v) for k, v in times.items()},
+           "cpu_median": {k: statistics.median(v) for k, v in cpu.items()},
            "iou": inter / union if union else 1.0, "pixels_differing": differ,
            "mask_pixels_fp32": int(masks["fp32"].sum()),
            "auto_equals_bf16": bool(np.array_equal(masks["auto"], masks["bf16"])), "auto_note": auto_note,
@@ -83,7 +91,8 @@ def main(argv=None) -> int:
     note = auto_note.splitlines()[-1] if auto_note else "no note"
     print(f"whole process, medians of {args.rounds}: fp32 {res['median']['fp32']:.2f} s "
           f"[{min(times['fp32']):.2f}-{max(times['fp32']):.2f}], bf16 {res['median']['bf16']:.2f} s "
-          f"[{min(times['bf16']):.2f}-{max(times['bf16']):.2f}] -> {res['ratio']:.2f}x; mask IoU {res['iou']:.4f} "
+          f"[{min(times['bf16']):.2f}-{max(times['bf16']):.2f}] -> {res['ratio']:.2f}x (CPU time "
+          f"{res['cpu_median']['fp32']:.1f} vs {res['cpu_median']['bf16']:.1f} s); mask IoU {res['iou']:.4f} "
           f"({differ * 100:.3f} % of pixels differ, {res['mask_pixels_fp32']} mask pixels); "
           f"auto: {'bf16' if res['auto_equals_bf16'] else 'not bf16'} ({note})")
     if args.json:
