@@ -100,6 +100,8 @@ def _vit_b_decoder_cases(model):
     out = {}
     for mode in MODES:
         model.set_batchnorm_mode(mode)
+        # the robust image features once per mode and precision (the prompts share them)
+        feats = {p: _run(model, p, lambda: model.mask_decoder.image_features(emb, early)) for p in ("fp32", "bf16")}
         for path in PATHS:
             for case in ("box", "points", "box_points"):
                 kw = {}
@@ -108,12 +110,12 @@ def _vit_b_decoder_cases(model):
                 if "points" in case:
                     kw["points"] = (torch.from_numpy(ref[f"prompt.{case}.coords"])[None],
                                     torch.from_numpy(ref[f"prompt.{case}.labels"])[None])
-
-                def masks(kw=kw, path=path):
-                    feats = model.mask_decoder.image_features(emb, early) if path == "robust" else None
-                    return model.decode(ImageEncoding(emb, early, feats), robust=path == "robust", **kw).masks
-
-                out[(path, mode, case)] = _differing(_run(model, "bf16", masks), _run(model, "fp32", masks))
+                masks = {}
+                for p in ("fp32", "bf16"):
+                    encoding = ImageEncoding(emb, early, feats[p] if path == "robust" else None)
+                    masks[p] = _run(model, p, lambda kw=kw, path=path, encoding=encoding: model.decode(
+                        encoding, robust=path == "robust", **kw).masks)
+                out[(path, mode, case)] = _differing(masks["bf16"], masks["fp32"])
     model.set_batchnorm_mode("running")
     return out
 
