@@ -1,14 +1,15 @@
 """GPU helpers: mixed-precision autocast, batched encoding with out-of-memory recovery, lookahead planning.
 
 Nothing here changes results on the CPU: :func:`autocast` is a no-op there, and the CPU encoder has its own
-fast path (``modeling/image_encoder.py``). These helpers are small on purpose; their logic is tested on the
-CPU (``Testing/test_acceleration.py``, with an injected fake out-of-memory error).
+fast path (``modeling/image_encoder.py``, float32 or bf16: ``precision.py``). These helpers are small on
+purpose; their logic is tested on the CPU (``Testing/test_acceleration.py``, with an injected fake
+out-of-memory error) and on a GPU by ``Testing/test_cuda.py`` (``scripts/gpu_check.sh``; not run yet).
 
 Intended call sites (wired by the predictor / propagation owners):
 
 * ``Predictor._encode_and_store``: ``with autocast(self.model.device): encoding = self.model.encode(x)``
-  (bf16 where the GPU supports it, else fp16; outputs are cast back to float32 by :func:`encode_batched`
-  and by the cache's ``_store``).
+  (in the model's ``precision``: bf16 where the GPU supports it, else fp16, or none for ``fp32``; outputs
+  are cast back to float32 by :func:`encode_batched` and by the cache's ``_store``).
 * Volume runs on a GPU (``VolumeSegmenter.predict_slice`` before predicting slice ``z`` in direction
   ``step``): ``todo = planner.plan(z, step, is_cached)`` with a :class:`LookaheadPlanner`; when ``todo`` is
   not empty, prepare those slices, ``encode_batched(model, inputs, planner.batch_size)`` and put each
@@ -22,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, List, Optional, Sequence, Union
+from typing import Callable, ContextManager, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -40,12 +41,25 @@ def autocast_dtype(device: DeviceLike) -> Optional[torch.dtype]:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def autocast(device: DeviceLike, enabled: bool = True) -> ContextManager:
-    """``torch.autocast`` for CUDA (see :func:`autocast_dtype`); a do-nothing context elsewhere."""
-    dtype = autocast_dtype(device) if enabled else None
-    if dtype is None or not torch.cuda.is_available():
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: DeviceLike, enabled: bool = True, dtype: Optional[torch.dtype] = None) -> ContextManager:
+    """``torch.autocast`` for CUDA in ``dtype`` (default :func:`autocast_dtype`); a do-nothing context
+    elsewhere (the CPU's bf16 path is written out, ``modeling/bf16.py``, not autocast)."""
+    default = autocast_dtype(device) if enabled else None
+    if default is None or not torch.cuda.is_available():
         return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type="cuda", dtype=dtype or default)
+
+
+def model_autocast(model) -> Tuple[bool, Optional[torch.dtype]]:
+    """(use autocast, dtype) for encoding with ``model`` on CUDA, from its ``precision``
+    (``precision.set_precision``): "fp32" -> none, "bf16"/"fp16" -> that dtype, unset -> the default."""
+    precision = getattr(model, "precision", None)
+    if precision is None:
+        return True, None
+    return precision in _DTYPES, _DTYPES.get(precision)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -106,7 +120,8 @@ def encode_batched(model, images: Sequence[torch.Tensor], batch_size: int = 4, *
                    encode_fn: Optional[Callable] = None, report: Optional[BatchLog] = None) -> list:
     """Encode prepared images (each ``(3, S, S)`` or ``(1, 3, S, S)``, on the host) in batches.
 
-    On CUDA each batch goes through pinned host memory and runs under :func:`autocast`. If a batch runs out
+    On CUDA each batch goes through pinned host memory and runs under :func:`autocast` in the model's precision
+    (:func:`model_autocast`; ``use_autocast=False`` turns it off). If a batch runs out
     of memory it is halved and retried; if one image alone does not fit, the model is moved to the CPU
     (``cpu_fallback``, logged) and the remaining images are encoded there. Returns one float32
     :class:`~RobustMedSAMLib.modeling.model.ImageEncoding` (batch 1) per image, in order, all on the
@@ -119,6 +134,8 @@ def encode_batched(model, images: Sequence[torch.Tensor], batch_size: int = 4, *
     inputs = [img if img.dim() == 4 else img[None] for img in images]
     results: list = []
     size = int(batch_size)
+    wanted, dtype = model_autocast(model)
+    use_autocast = use_autocast and wanted
     i = 0
     while i < len(inputs):
         device = torch.device(model.device)
@@ -126,7 +143,7 @@ def encode_batched(model, images: Sequence[torch.Tensor], batch_size: int = 4, *
         try:
             batch = _to_device(torch.cat([c.cpu() for c in chunk]) if device.type == "cuda" else torch.cat(chunk),
                                device)
-            with torch.inference_mode(), autocast(device, enabled=use_autocast):
+            with torch.inference_mode(), autocast(device, enabled=use_autocast, dtype=dtype):
                 encoding = encode(model, batch, robust)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled
             if not is_out_of_memory(exc):

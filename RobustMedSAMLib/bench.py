@@ -29,6 +29,14 @@ number). Measured in one process, with warm-up runs and medians over ``--repeats
 * **Peak resident memory** of each part, each measured in a fresh subprocess after its set-up (Linux:
   ``VmHWM`` after resetting it through ``/proc/self/clear_refs``; elsewhere ``ru_maxrss`` of the
   subprocess, set-up included). The process baseline (Python, PyTorch, weights) is shown separately.
+* **bf16** rows (``--bf16 auto``: where the CPU computes bf16 natively; ``on`` / ``off``), side by side in the
+  same run from a second seeded model with ``precision="bf16"`` (``precision.py``): its encoder timed in the
+  same alternation as the float32 ones, their ratio and relative output difference, the bf16 GEMM rate
+  (sampled before and after the encoder runs) and bf16 FLOP floors (the model's FLOPs, and the FLOPs the
+  bf16 path executes: split weights double the linear layers, extended queries/keys widen attention,
+  ``measure.encoder_flops_bf16``), the image features, prompt -> mask, propagation and peak memory.
+* **Noise**: every timing is reported as median [min-max]; the GEMM rates are measured first, between the
+  encoder runs and last, and the 1-minute load average before and after the run is recorded.
 * **GPU** rows (only with CUDA): encoder time fp32 and under :func:`~RobustMedSAMLib.acceleration.autocast`,
   batched encoding, and peak CUDA memory.
 
@@ -51,10 +59,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .measure import (GEMM_SHAPES, QUICK_GEMM_SHAPES, PeakMemory, counted_flops, encoder_flops, gemm_rate,
+from .bench_table import format_table
+from .measure import (GEMM_SHAPES, QUICK_GEMM_SHAPES, counted_flops, encoder_flops, encoder_flops_bf16, gemm_rate,
                       median_time, stats)
 
-PARTS = ("encoder-reference", "encoder-fast", "decoder", "propagation")
+from .bench_memory import BF16_PARTS, PARTS, measure_memory, run_part  # noqa: F401 (re-exported)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -127,75 +136,6 @@ def _run_propagation(predictor, slices: int, side: int):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# memory parts (each in a fresh subprocess)
-# ----------------------------------------------------------------------------------------------------------
-
-def run_part(part: str, quick: bool, slices: int) -> Dict[str, Any]:
-    """Set up ``part``, reset the peak, run it once; returns baseline/peak resident bytes."""
-    from .models import seeded_model
-    from .predictor import Predictor
-
-    mem = PeakMemory()
-    imported = mem.current()  # torch and the engine imported, nothing built yet (the CUDA builds map more)
-    name = _model_name(quick)
-    if part in ("encoder-reference", "encoder-fast"):
-        from .models import get_config
-
-        arch = get_config(name).architecture
-        enc = _seeded_encoder("reference" if part == "encoder-reference" else "fast", arch)
-        x = _input(arch)
-        if part == "encoder-fast":  # as the engine runs it (load_model tunes the allocator); the reference not
-            from .allocator import tune_cpu_allocator
-
-            tune_cpu_allocator()
-
-        def job():
-            with torch.inference_mode():
-                enc(x)
-    elif part in ("decoder", "propagation"):
-        loaded = seeded_model(name)
-        predictor = Predictor(loaded)
-        side = max(loaded.config.architecture.image_size // 2, 64)
-        if part == "decoder":
-            image = _volume(1, side)[0]
-            predictor.set_image(image)
-            prompt = _box_prompt(side)
-
-            def job():
-                for _ in range(5):
-                    predictor.predict(prompt)
-        else:
-            def job():
-                _run_propagation(predictor, slices, side)
-    else:
-        raise ValueError(f"unknown part {part!r}; one of {PARTS}")
-    baseline = mem.current()
-    exact = mem.reset()
-    job()
-    cached = predictor.cache.bytes if part in ("decoder", "propagation") else 0
-    return {"part": part, "import_bytes": imported, "baseline_bytes": baseline, "peak_bytes": mem.peak(),
-            "peak_since_reset": exact, "cache_bytes": cached}
-
-
-def measure_memory(quick: bool, slices: int, log: Callable[[str], None]) -> Dict[str, Any]:
-    out = {}
-    root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    for part in PARTS:
-        log(f"memory: {part} (fresh subprocess)")
-        cmd = [sys.executable, "-m", "RobustMedSAMLib.bench", "--part", part, "--slices", str(slices),
-               "--threads", str(torch.get_num_threads())]
-        if quick:
-            cmd.append("--quick")
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory part {part} failed:\n{proc.stderr[-2000:]}")
-        out[part] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
 # the benchmark
 # ----------------------------------------------------------------------------------------------------------
 
@@ -254,20 +194,23 @@ def serve_reference(quick: bool) -> None:
 
 
 def bench_encoder(loaded, repeats: int, log, gemm_shapes: Sequence = GEMM_SHAPES,
-                  quick: bool = False) -> Dict[str, Any]:
-    """Our encoder vs segment_anything's eager encoder, same weights and input, alternating runs; the GEMM
-    rate is sampled between the runs too (so the FLOP floor is measured under the same machine load)."""
+                  quick: bool = False, loaded_bf16=None) -> Dict[str, Any]:
+    """Our encoder (float32, and bf16 if ``loaded_bf16`` is given) vs segment_anything's eager encoder, same
+    weights and input, alternating runs; the GEMM rates are sampled between the runs too (so the FLOP floors
+    are measured under the same machine load)."""
     from segment_anything.modeling import ImageEncoderViT
 
     arch = loaded.config.architecture
     ours = loaded.model.image_encoder
+    ours_bf16 = loaded_bf16.model.image_encoder if loaded_bf16 is not None else None
     ref = ImageEncoderViT(**_encoder_kwargs(arch)).eval()
     ref.load_state_dict(ours.state_dict())
     x = _input(arch)
     captured = {}
     hook = ref.blocks[ours.early_block].register_forward_hook(lambda m, i, o: captured.__setitem__("early", o))
     gemm_samples = [gemm_rate(gemm_shapes, repeats=3)["flops_per_s"]]
-    kinds = ("reference", "reference_default", "ours")
+    bf16_samples = [gemm_rate(gemm_shapes, repeats=3, dtype=torch.bfloat16)["flops_per_s"]] if ours_bf16 else []
+    kinds = ("reference", "reference_default", "ours") + (("ours_bf16",) if ours_bf16 is not None else ())
     wall: Dict[str, List[float]] = {k: [] for k in kinds}
     cpu: Dict[str, List[float]] = {k: [] for k in kinds}
     outputs = {}
@@ -275,6 +218,7 @@ def bench_encoder(loaded, repeats: int, log, gemm_shapes: Sequence = GEMM_SHAPES
     try:
         with torch.inference_mode():
             path = ours.path_for(x)
+            path_bf16 = ours_bf16.path_for(x) if ours_bf16 is not None else None
 
             def run(kind):
                 if kind == "reference_default":
@@ -282,6 +226,8 @@ def bench_encoder(loaded, repeats: int, log, gemm_shapes: Sequence = GEMM_SHAPES
                 t0, c0 = time.perf_counter(), time.process_time()
                 if kind == "ours":
                     outputs["ours"] = ours(x)
+                elif kind == "ours_bf16":
+                    outputs["ours_bf16"] = ours_bf16(x)
                 else:
                     outputs["reference"] = (ref(x), captured["early"])
                 return time.perf_counter() - t0, time.process_time() - c0
@@ -296,26 +242,44 @@ def bench_encoder(loaded, repeats: int, log, gemm_shapes: Sequence = GEMM_SHAPES
                     cpu[kind].append(c)
                     log(f"encoder {kind}: {w:.2f} s (cpu {c:.2f} s)")
                 gemm_samples.append(gemm_rate(gemm_shapes, repeats=3)["flops_per_s"])
+            if ours_bf16 is not None:
+                bf16_samples.append(gemm_rate(gemm_shapes, repeats=3, dtype=torch.bfloat16)["flops_per_s"])
     finally:
         hook.remove()
         worker.close()
     (emb_o, early_o), (emb_r, early_r) = outputs["ours"], outputs["reference"]
-    features = None
+    res: Dict[str, Any] = {"path": path}
     if loaded.model.has_robust_decoder:  # the decoder's image-only branches: also computed once per slice
         with torch.inference_mode():
-            features = stats(median_time(lambda: loaded.model.mask_decoder.image_features(emb_o, early_o),
-                                           repeats, warmup=1))
-    diff_emb = float((emb_o.double() - emb_r.double()).abs().max())
-    diff_early = float((early_o.double() - early_r.double()).abs().max())
+            res["robust_features"] = stats(median_time(
+                lambda: loaded.model.mask_decoder.image_features(emb_o, early_o), repeats, warmup=1))
+            if ours_bf16 is not None:
+                emb_b, early_b = outputs["ours_bf16"]
+                res["robust_features_bf16"] = stats(median_time(
+                    lambda: loaded_bf16.model.mask_decoder.image_features(emb_b, early_b), repeats, warmup=1))
+    else:
+        res["robust_features"] = None
     ours_median = statistics.median(wall["ours"])
-    return {"path": path, "reference": stats(wall["reference"]), "ours": stats(wall["ours"]),
-            "reference_default": stats(wall["reference_default"]),
-            "reference_cpu": stats(cpu["reference"]), "ours_cpu": stats(cpu["ours"]),
-            "reference_default_cpu": stats(cpu["reference_default"]),
-            "speedup": statistics.median(wall["reference_default"]) / ours_median,
-            "speedup_same_process": statistics.median(wall["reference"]) / ours_median,
-            "robust_features": features, "gemm_samples": gemm_samples,
-            "max_abs_diff_embeddings": diff_emb, "max_abs_diff_early": diff_early}
+    for kind in kinds:
+        res[kind] = stats(wall[kind])
+        res[f"{kind}_cpu"] = stats(cpu[kind])
+    res.update({"speedup": statistics.median(wall["reference_default"]) / ours_median,
+                "speedup_same_process": statistics.median(wall["reference"]) / ours_median,
+                "gemm_samples": gemm_samples,
+                "max_abs_diff_embeddings": float((emb_o.double() - emb_r.double()).abs().max()),
+                "max_abs_diff_early": float((early_o.double() - early_r.double()).abs().max())})
+    if ours_bf16 is not None:
+        emb_b, early_b = outputs["ours_bf16"]
+        res.update({"path_bf16": path_bf16, "gemm_bf16_samples": bf16_samples,
+                    "bf16_vs_fp32": statistics.median(wall["ours_bf16"]) / ours_median,
+                    "bf16_rel_diff_embeddings": _rel(emb_b, emb_o), "bf16_rel_diff_early": _rel(early_b, early_o),
+                    "bf16_max_abs_diff_embeddings": float((emb_b.double() - emb_o.double()).abs().max())})
+    return res
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative difference ``|a - b| / |b|`` (Frobenius norms)."""
+    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def bench_decoder(loaded, repeats: int) -> Dict[str, Any]:
@@ -349,123 +313,124 @@ def bench_propagation(loaded, slices: int, encoder_seconds: float, features_seco
             "cache_bytes": predictor.cache.bytes}
 
 
-def bench_gpu(loaded, repeats: int, log) -> Optional[Dict[str, Any]]:
+def bench_gpu(loaded, repeats: int, log, slices: int = 4) -> Optional[Dict[str, Any]]:
+    """CUDA rows: encoder in float32 and under the engine's autocast (bf16 where supported, else fp16),
+    batched encoding (4) against one at a time, peak CUDA memory, prompt -> mask and a propagation with the
+    GPU's lookahead batches. The model is moved to the GPU and back."""
     if not torch.cuda.is_available():
         return None
     from .acceleration import autocast, encode_batched
+    from .precision import choose_precision, set_precision
 
     model = loaded.model.to("cuda")
+    amp = choose_precision("auto", None, "cuda").precision
     x = _input(loaded.config.architecture)
     xc = x.cuda()
     sync = torch.cuda.synchronize
-    out: Dict[str, Any] = {"device": torch.cuda.get_device_name()}
-    with torch.inference_mode():
-        torch.cuda.reset_peak_memorystats()
-        out["encoder_fp32"] = stats(median_time(lambda: model.image_encoder(xc), repeats, 2, sync))
-        out["peak_fp32_bytes"] = torch.cuda.max_memory_allocated()
-        torch.cuda.reset_peak_memorystats()
-        with autocast("cuda"):
-            out["encoder_autocast"] = stats(median_time(lambda: model.image_encoder(xc), repeats, 2, sync))
-        out["peak_autocast_bytes"] = torch.cuda.max_memory_allocated()
-    batch = [x[0]] * 4
-    times = median_time(lambda: encode_batched(model, batch, 4), repeats, 1, sync)
-    out["encode_batched_4_per_slice"] = statistics.median(times) / 4
-    log("gpu: done")
-    model.to("cpu")
+    out: Dict[str, Any] = {"device": torch.cuda.get_device_name(), "autocast": amp}
+    try:
+        with torch.inference_mode():
+            torch.cuda.reset_peak_memory_stats()
+            out["encoder_fp32"] = stats(median_time(lambda: model.image_encoder(xc), repeats, 2, sync))
+            out["peak_fp32_bytes"] = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            with autocast("cuda"):
+                out["encoder_autocast"] = stats(median_time(lambda: model.image_encoder(xc), repeats, 2, sync))
+            out["peak_autocast_bytes"] = torch.cuda.max_memory_allocated()
+        set_precision(model, amp)  # what load_model(device="cuda") sets up
+        batch = [x[0]] * 4
+        times = median_time(lambda: encode_batched(model, batch, 4), repeats, 1, sync)
+        out["encode_batched_4_per_slice"] = statistics.median(times) / 4
+        single = median_time(lambda: encode_batched(model, batch[:1], 1), repeats, 1, sync)
+        out["encode_single_per_slice"] = statistics.median(single)
+        out["decoder"] = bench_decoder(loaded, repeats)
+        out["propagation"] = bench_propagation(loaded, slices, out["encode_single_per_slice"])
+        log("gpu: done")
+    finally:
+        model.to("cpu")
+        set_precision(model, "fp32")
     return out
 
 
 def run_benchmark(quick: bool = False, slices: int = 4, repeats: int = 3, memory: bool = True,
-                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> Dict[str, Any]:
+                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+                  bf16: str = "auto") -> Dict[str, Any]:
+    """Every part of the benchmark; ``bf16``: "auto" (bf16 rows where the CPU computes bf16 natively), "on"
+    or "off"."""
     from .models import seeded_model
+    from .precision import native_bf16
 
     if slices < 1 or repeats < 1:
         raise ValueError("--slices and --repeats must be >= 1")
+    if bf16 not in ("auto", "on", "off"):
+        raise ValueError(f"--bf16 must be auto, on or off, got {bf16!r}")
     name = _model_name(quick)
-    log(f"building seeded model {name}")
+    native = native_bf16()
+    with_bf16 = bf16 == "on" or (bf16 == "auto" and bool(native))
+    log(f"building seeded model {name}" + (" (float32 and bf16)" if with_bf16 else ""))
     loaded = seeded_model(name, device="cpu")
+    loaded_bf16 = seeded_model(name, device="cpu", precision="bf16") if with_bf16 else None
     arch = loaded.config.architecture
     res: Dict[str, Any] = {
         "config": {"model": name, "quick": quick, "slices": slices, "repeats": repeats,
                    "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                   "machine": platform.processor() or platform.machine(), "python": platform.python_version()}}
+                   "machine": platform.processor() or platform.machine(), "cpu_model": _cpu_model(),
+                   "native_bf16": native or "none", "bf16_rows": with_bf16, "python": platform.python_version(),
+                   "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": _load_average()}}
     shapes = QUICK_GEMM_SHAPES if quick else GEMM_SHAPES
     log("gemm rate")
     res["gemm"] = gemm_rate(shapes, repeats=max(3, repeats))
-    res["encoder"] = bench_encoder(loaded, repeats, log, shapes, quick)
+    res["gemm"]["before"] = res["gemm"]["flops_per_s"]
+    if with_bf16:
+        res["gemm_bf16"] = gemm_rate(shapes, repeats=max(3, repeats), dtype=torch.bfloat16)
+        res["gemm_bf16"]["before"] = res["gemm_bf16"]["flops_per_s"]
+    res["encoder"] = bench_encoder(loaded, repeats, log, shapes, quick, loaded_bf16)
     res["gemm"]["flops_per_s"] = statistics.median([res["gemm"]["flops_per_s"]] + res["encoder"]["gemm_samples"])
     flops = encoder_flops(arch)
     floor = flops["total"] / res["gemm"]["flops_per_s"]
     res["flops"] = {**flops, "floor_seconds": floor, "ours_vs_floor": res["encoder"]["ours"]["median"] / floor,
                     "reference_vs_floor": res["encoder"]["reference_default"]["median"] / floor}
+    if with_bf16:
+        g = res["gemm_bf16"]
+        g["flops_per_s"] = statistics.median([g["flops_per_s"]] + res["encoder"]["gemm_bf16_samples"])
+        executed = encoder_flops_bf16(arch)["total"]
+        floor_bf16 = flops["total"] / g["flops_per_s"]
+        res["flops_bf16"] = {"total": flops["total"], "executed": executed, "floor_seconds": floor_bf16,
+                             "executed_floor_seconds": executed / g["flops_per_s"],
+                             "ours_vs_floor": res["encoder"]["ours_bf16"]["median"] / floor_bf16}
     log("prompt -> mask latency")
     res["decoder"] = bench_decoder(loaded, repeats)
+    if with_bf16:
+        res["decoder_bf16"] = bench_decoder(loaded_bf16, repeats)
     log(f"propagation over {slices} slices")
-    feats = res["encoder"]["robust_features"]
-    res["propagation"] = bench_propagation(loaded, slices, res["encoder"]["ours"]["median"],
-                                           feats["median"] if feats else 0.0)
-    res["gpu"] = bench_gpu(loaded, repeats, log)
-    res["memory"] = measure_memory(quick, slices, log) if memory else None
+    enc = res["encoder"]
+    feats = enc["robust_features"]
+    res["propagation"] = bench_propagation(loaded, slices, enc["ours"]["median"], feats["median"] if feats else 0.0)
+    if with_bf16:
+        feats_b = enc.get("robust_features_bf16")
+        res["propagation_bf16"] = bench_propagation(loaded_bf16, slices, enc["ours_bf16"]["median"],
+                                                    feats_b["median"] if feats_b else 0.0)
+    res["gpu"] = bench_gpu(loaded, repeats, log, slices)
+    res["memory"] = measure_memory(quick, slices, log, with_bf16) if memory else None
+    log("gemm rate (after)")
+    res["gemm"]["after"] = gemm_rate(shapes, repeats=max(3, repeats))["flops_per_s"]
+    if with_bf16:
+        res["gemm_bf16"]["after"] = gemm_rate(shapes, repeats=max(3, repeats), dtype=torch.bfloat16)["flops_per_s"]
+    res["config"]["load_after"] = _load_average()
     return res
 
 
-def _gb(n: Optional[int]) -> str:
-    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+def _cpu_model() -> str:
+    from .precision import cpu_model
+
+    return cpu_model()
 
 
-def format_table(res: Dict[str, Any]) -> str:
-    """A Markdown table of the main figures."""
-    c, e, f, g = res["config"], res["encoder"], res["flops"], res["gemm"]
-    d, p = res["decoder"], res["propagation"]
-    size = "tiny test model" if c["quick"] else "ViT-B, 1024 x 1024"
-    rows = [
-        ("encoder, segment_anything eager, own process (s / slice)", f"{e['reference_default']['median']:.2f}"),
-        ("encoder, segment_anything eager, in our process (s / slice)", f"{e['reference']['median']:.2f}"),
-        (f"encoder, ours ({e['path']} path) (s / slice)", f"{e['ours']['median']:.2f}"),
-        ("encoder speed-up (same run): vs segment_anything on its own / in our process",
-         f"{e['speedup']:.2f}x / {e['speedup_same_process']:.2f}x (CPU time "
-         f"{e['reference_default_cpu']['median']:.1f} / {e['reference_cpu']['median']:.1f} s vs "
-         f"{e['ours_cpu']['median']:.1f} s)"),
-        ("max abs difference: embeddings / early features",
-         f"{e['max_abs_diff_embeddings']:.1e} / {e['max_abs_diff_early']:.1e}"),
-        ("fp32 GEMM rate (transformer shapes)", f"{g['flops_per_s'] / 1e9:.0f} GFLOP/s"),
-        ("encoder FLOPs -> FLOP floor", f"{f['total'] / 1e9:.4g} GFLOP -> {f['floor_seconds']:.3g} s"),
-        ("encoder time / FLOP floor: ours / segment_anything on its own", f"{f['ours_vs_floor']:.2f}x / {f['reference_vs_floor']:.2f}x"),
-        ("prompt -> mask on a cached slice (robust decoder)", f"{d['median'] * 1e3:.0f} ms"),
-    ]
-    if d.get("flops"):
-        floor_ms = d["flops"] / g["flops_per_s"] * 1e3
-        rows.append(("prompt -> mask FLOPs (convolutions, GEMMs) -> FLOP floor; time / floor",
-                     f"{d['flops'] / 1e9:.1f} GFLOP -> {floor_ms:.0f} ms; {d['median'] * 1e3 / floor_ms:.2f}x"))
-    if e.get("robust_features"):
-        rows.append(("robust decoder image features, once per slice (s)", f"{e['robust_features']['median']:.2f}"))
-    rows.append((f"propagation over {p['slices']} slices ({p['encoder_calls']} encoded)",
-                 f"{p['seconds']:.1f} s = {p['vs_encoder']:.2f}x encoder time"
-                 f" ({p['vs_encoder_and_features']:.2f}x encoder + features)"))
-    mem = res.get("memory")
-    if mem:
-        base = mem["encoder-fast"]["baseline_bytes"]
-        rows.append(("peak RSS: encoder reference / ours",
-                     f"{_gb(mem['encoder-reference']['peak_bytes'])} / {_gb(mem['encoder-fast']['peak_bytes'])}"
-                     f" (before the pass: {_gb(base)})"))
-        rows.append(("peak RSS: prompt -> mask / propagation (full model)",
-                     f"{_gb(mem['decoder']['peak_bytes'])} / {_gb(mem['propagation']['peak_bytes'])}"
-                     f" (model loaded: {_gb(mem['propagation']['baseline_bytes'])}, of which importing torch "
-                     f"{c['torch']}: {_gb(mem['propagation'].get('import_bytes'))})"))
-        held = mem["propagation"].get("cache_bytes") or 0
-        rows.append(("peak RSS of the propagation without its cached encodings",
-                     f"{_gb(mem['propagation']['peak_bytes'] - held)} ({_gb(held)} cached)"))
-    gpu = res.get("gpu")
-    if gpu:
-        rows.append((f"GPU encoder fp32 / autocast ({gpu['device']})",
-                     f"{gpu['encoder_fp32']['median'] * 1e3:.0f} / {gpu['encoder_autocast']['median'] * 1e3:.0f} ms"))
-        rows.append(("GPU batched encoding (4) per slice; peak CUDA memory fp32 / autocast",
-                     f"{gpu['encode_batched_4_per_slice'] * 1e3:.0f} ms; {_gb(gpu['peak_fp32_bytes'])} / "
-                     f"{_gb(gpu['peak_autocast_bytes'])}"))
-    head = (f"Benchmark ({size}; torch {c['torch']}, {c['threads']} threads, {c['cpus']} CPUs; "
-            f"medians of {c['repeats']} runs)")
-    lines = [head, "", "| measure | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
-    return "\n".join(lines)
+def _load_average() -> Optional[List[float]]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):  # Windows
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -476,7 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny model: a smoke test in seconds")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's choice)")
-    p.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)
+    p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="bf16 rows side by side with float32: auto (default: where the CPU computes bf16 "
+                        "natively), on, off")
+    p.add_argument("--part", choices=PARTS + BF16_PARTS, help=argparse.SUPPRESS)
     p.add_argument("--reference-worker", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -493,7 +461,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.reference_worker:
             serve_reference(args.quick)
             return 0
-        res = run_benchmark(args.quick, args.slices, args.repeats, memory=not args.no_memory)
+        res = run_benchmark(args.quick, args.slices, args.repeats, memory=not args.no_memory, bf16=args.bf16)
     finally:
         torch.set_num_threads(threads)  # main() may run inside another program (the CLI, tests)
     print(format_table(res))

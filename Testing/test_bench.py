@@ -60,10 +60,34 @@ def test_bench_quick_smoke(quick_run):
     assert res["gpu"] is None or "encoder_fp32" in res["gpu"]
 
 
+def test_bench_bf16_rows_side_by_side(quick_run):
+    """Where the CPU computes bf16 natively (auto), the same run has bf16 rows; noise figures for every timing."""
+    from RobustMedSAMLib.precision import native_bf16
+
+    _, table, res = quick_run
+    assert res["config"]["bf16_rows"] == bool(native_bf16())
+    enc = res["encoder"]
+    for key in ("ours", "reference", "reference_default"):
+        assert enc[key]["min"] <= enc[key]["median"] <= enc[key]["max"]
+    assert "after" in res["gemm"] and "[" in table  # GEMM rate measured after the run; min-max shown
+    if not res["config"]["bf16_rows"]:
+        pytest.skip("this CPU has no native bf16: bf16 rows are left out by default")
+    assert enc["path_bf16"] == "fast-bf16" and len(enc["ours_bf16"]["runs"]) == 1
+    assert enc["bf16_vs_fp32"] == pytest.approx(enc["ours_bf16"]["median"] / enc["ours"]["median"])
+    assert 1e-5 < enc["bf16_rel_diff_embeddings"] < 0.02  # bf16 ran (it differs), and agrees to ~0.3 %
+    assert res["gemm_bf16"]["flops_per_s"] > 0 and "after" in res["gemm_bf16"] and len(enc["gemm_bf16_samples"]) == 2
+    fb = res["flops_bf16"]
+    assert fb["executed"] > fb["total"] == res["flops"]["total"]
+    assert res["decoder_bf16"]["encoder_calls"] == 1 and res["propagation_bf16"]["predicted"] >= 1
+    for row in ("encoder, ours bf16 (fast-bf16 path)", "encoder bf16 / float32", "bf16 GEMM rate", "bf16 FLOP floor",
+                "prompt -> mask, bf16 model", "propagation, bf16", "peak RSS bf16"):
+        assert row in table, row
+
+
 def test_bench_memory_parts(quick_run):
     _, table, res = quick_run
     mem = res["memory"]
-    assert set(mem) == set(bench.PARTS)
+    assert set(mem) == set(bench.PARTS) | set(bench.BF16_PARTS if res["config"]["bf16_rows"] else ())
     for part, m in mem.items():
         assert m["part"] == part
         if m["peak_bytes"] is not None and m["baseline_bytes"] is not None:
@@ -95,3 +119,5 @@ def test_bad_arguments():
         bench.run_benchmark(quick=True, slices=0)
     with pytest.raises(ValueError):
         bench.run_part("nonsense", True, 1)
+    with pytest.raises(ValueError):
+        bench.run_benchmark(quick=True, bf16="sometimes")

@@ -234,6 +234,9 @@ def build_parser(prog: str = "robustmedsam evaluate") -> argparse.ArgumentParser
     g.add_argument("--batchnorm", choices=["running", "per_sample"], default="running")
     g.add_argument("--sam-path", action="store_true", help="use the SAM decoder path of robust checkpoints")
     g.add_argument("--offline", action="store_true", help="never download weights")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
+                   help="fp32 (default here: numbers comparable with published ones), auto (bf16 where this CPU "
+                        "computes it natively and the model's bf16 gate holds) or bf16")
     g = p.add_argument_group("data")
     add_source_args(g, split="test")
     g.add_argument("--label-mode", default="semantic", choices=D.LABEL_MODES)
@@ -275,11 +278,11 @@ def load_models(args) -> List[EvalModel]:
         raise EvaluationError("give at least one model: --model NAME, --checkpoint FILE or --seeded-tiny")
     models = []
     if args.seeded_tiny:
-        loaded = seeded_model("tiny", seed=0, device=args.device)
+        loaded = seeded_model("tiny", seed=0, device=args.device, precision=args.precision)
         models.append(EvalModel("tiny (seeded)", loaded, loaded.config.robust and not args.sam_path))
     for label, name, path in specs:
         loaded = load_model(name, path, device=args.device, batchnorm=args.batchnorm,
-                            allow_download=not args.offline)
+                            allow_download=not args.offline, precision=args.precision)
         adapters = loaded.metadata.get("adapters")
         if adapters and path and (Path(path).parent / adapters).is_file():
             from Training.adapters import load_adapters

@@ -34,6 +34,12 @@ seeded ViT-B weights, see ``Testing/test_fast_encoder.py``):
   ``Block``/``Attention``/``MLPBlock`` without forward hooks (the training adapters attach hooks, so
   adapted encoders take the reference path), float32, no gradient needed, no autocast active.
 
+* the **bf16 path** (``encoder.precision = "bf16"``, set by ``RobustMedSAMLib.precision.set_precision``;
+  CPU, float32 input): the fast path with bfloat16 scratch buffers, its transformer blocks computed by
+  ``encoder_bf16.block`` (split bf16 weights, rel-pos bias folded into extended queries/keys); patch
+  embedding, residual stream, LayerNorm, neck and outputs stay float32. :meth:`ImageEncoder.path_for` says
+  ``"fast-bf16"``. Its agreement with float32 is gated per model (``precision.GATES``).
+
 Switch: ``encoder.fast_path = None`` (default: fast on CPU, reference elsewhere), ``True`` (fast wherever
 it is exact, e.g. also on CUDA) or ``False`` (reference); the environment variable
 ``ROBUSTMEDSAM_ENCODER=reference`` forces the reference path process-wide. :meth:`ImageEncoder.path_for`
@@ -53,6 +59,8 @@ from segment_anything.modeling import ImageEncoderViT
 from segment_anything.modeling.common import MLPBlock
 from segment_anything.modeling.image_encoder import Attention, Block, get_rel_pos
 
+from . import bf16, encoder_bf16
+
 ENV_SWITCH = "ROBUSTMEDSAM_ENCODER"
 
 
@@ -68,6 +76,8 @@ def _torch_version() -> Tuple[int, int]:
 # and the ``scale`` argument (2.1); older versions would fall back to the unfused math kernel.
 SDPA_FUSED = _torch_version() >= (2, 2)
 
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
 
 @dataclass
 class FastPathOptions:
@@ -77,27 +87,35 @@ class FastPathOptions:
         ``SDPA_FUSED``) or "matmul" (``baddbmm_`` onto the bias + in-place softmax + ``bmm``).
     chunk_bytes: size budget of one block of attention scores / bias (query rows per chunk follow).
     mlp_tokens: tokens per MLP chunk (hidden activation ``mlp_tokens x 4C`` floats).
+    mlp_tokens_bf16: the same on the bf16 path: bf16 GEMMs of 1024 rows ran on one of 2 threads only (oneDNN's
+        partitioning of a 1024 x 768 output), 2048 rows on both.
     """
 
     attention: str = "sdpa" if SDPA_FUSED else "matmul"
     chunk_bytes: int = 16 << 20
     mlp_tokens: int = 1024
+    mlp_tokens_bf16: int = 2048
 
     def __post_init__(self) -> None:
         if self.attention not in ("sdpa", "matmul"):
             raise ValueError(f"attention must be 'sdpa' or 'matmul', got {self.attention!r}")
         if self.attention == "sdpa" and not SDPA_FUSED:
             raise ValueError("attention='sdpa' needs PyTorch >= 2.2 (fused CPU kernel, scale argument)")
-        if self.chunk_bytes < 1 or self.mlp_tokens < 1:
-            raise ValueError("chunk_bytes and mlp_tokens must be positive")
+        if self.chunk_bytes < 1 or self.mlp_tokens < 1 or self.mlp_tokens_bf16 < 1:
+            raise ValueError("chunk_bytes, mlp_tokens and mlp_tokens_bf16 must be positive")
 
 
 class _Scratch:
-    """Named flat buffers reused across the blocks of one forward (no repeated multi-MB allocations)."""
+    """Named flat buffers reused across the blocks of one forward (no repeated multi-MB allocations), all of
+    the compute dtype ``dtype`` (float32, or bfloat16 on the bf16 path)."""
 
-    def __init__(self, like: torch.Tensor) -> None:
-        self.dtype, self.device = like.dtype, like.device
+    def __init__(self, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> None:
+        self.dtype, self.device = dtype or like.dtype, like.device
         self._buffers: Dict[str, torch.Tensor] = {}
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
 
     def get(self, name: str, *shape: int) -> torch.Tensor:
         numel = 1
@@ -111,11 +129,24 @@ class _Scratch:
         return buf[:numel].view(*shape)
 
 
+def _params(layer: nn.Module, dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(weight, bias)`` of ``layer`` in the compute dtype: the parameters themselves for float32, else their
+    cached bfloat16 copies (:func:`~RobustMedSAMLib.modeling.bf16.params`)."""
+    if dtype == layer.weight.dtype:
+        return layer.weight, layer.bias
+    return bf16.params(layer)
+
+
 def _linear_into(x2d: torch.Tensor, layer: nn.Linear, out: torch.Tensor) -> torch.Tensor:
-    """``out = x2d @ W^T + b`` (exactly ``F.linear``'s addmm) into a preallocated ``out``."""
-    if layer.bias is None:
-        return torch.mm(x2d, layer.weight.t(), out=out)
-    return torch.addmm(layer.bias, x2d, layer.weight.t(), out=out)
+    """``out = x2d @ W^T + b`` (exactly ``F.linear``'s addmm) into a preallocated ``out`` (of the compute
+    dtype: the layer's bf16 weights are used for a bf16 ``out``)."""
+    if out.dtype != layer.weight.dtype and x2d.shape[1] == 2 * layer.in_features:
+        weight, bias = bf16.split_params(layer)  # doubled input [x | x]: bf16 weights that sum to the float32 ones
+    else:
+        weight, bias = _params(layer, out.dtype)
+    if bias is None:
+        return torch.mm(x2d, weight.t(), out=out)
+    return torch.addmm(bias, x2d, weight.t(), out=out)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, has_bias: bool, scale: float,
@@ -136,6 +167,18 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: torch.Ten
     torch.bmm(scores, v, out=out)  # strided ``out`` (a head's columns of the token layout) is fine for BLAS
 
 
+def _rel_pos(size: int, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """segment_anything's ``get_rel_pos(size, size, table)`` in the compute dtype."""
+    rel = get_rel_pos(size, size, table)
+    return rel if rel.dtype == dtype else rel.to(dtype)
+
+
+def _extended(scratch: _Scratch, opts: FastPathOptions, attn: Attention) -> bool:
+    """Whether attention folds the rel-pos bias into extended queries/keys (``encoder_bf16.py``): bf16 compute,
+    rel-pos attention, the fused kernel."""
+    return attn.use_rel_pos and scratch.dtype == torch.bfloat16 and opts.attention == "sdpa"
+
+
 def _global_attention(attn: Attention, qkv: torch.Tensor, size: Tuple[int, int, int], scratch: _Scratch,
                       opts: FastPathOptions) -> torch.Tensor:
     """Attention over all H*W tokens; ``qkv (B*H*W, 3C)``; returns the pre-projection output (B*H*W, C).
@@ -149,9 +192,21 @@ def _global_attention(attn: Attention, qkv: torch.Tensor, size: Tuple[int, int, 
     hd, N = C // nh, H * W
     heads = qkv.view(B, N, 3, nh, hd)
     out = scratch.get("attn_out", B, N, nh, hd)
-    rows = max(1, min(H, opts.chunk_bytes // (4 * W * N)))
-    rh = get_rel_pos(H, H, attn.rel_pos_h) if attn.use_rel_pos else None
-    rw = get_rel_pos(W, W, attn.rel_pos_w) if attn.use_rel_pos else None
+    rows = max(1, min(H, opts.chunk_bytes // (scratch.itemsize * W * N)))
+    extended = _extended(scratch, opts, attn)
+    rh = _rel_pos(H, attn.rel_pos_h, scratch.dtype) if attn.use_rel_pos else None
+    rw = _rel_pos(W, attn.rel_pos_w, scratch.dtype) if attn.use_rel_pos else None
+    if extended:  # bf16: rel-pos bias folded into the GEMM (encoder_bf16.py)
+        ext = scratch.get("extended", 3, 1, N, encoder_bf16.augmented_width(hd, H, W))
+        first = True
+        for b in range(B):
+            for h in range(nh):
+                for j in range(3):
+                    ext[j, 0, :, :hd].copy_(heads[b, :, j, h])
+                out[b, :, h].copy_(encoder_bf16.attend(ext[0], ext[1], ext[2], rh, rw, (H, W), attn.scale,
+                                                       constants=first)[0])
+                first = False
+        return out.view(B * N, C)
     for b in range(B):
         for h in range(nh):
             q, k, v = heads[b, :, 0, h], heads[b, :, 1, h], heads[b, :, 2, h]  # (N, hd), row stride 3C
@@ -203,8 +258,11 @@ def _window_attention(attn: Attention, xn: torch.Tensor, ws: int, scratch: _Scra
     """Attention inside ``ws x ws`` windows of the normalised tokens ``xn (B, H, W, C)``, with
     segment_anything's zero padding to a multiple of ``ws``. A few rows of windows at a time: ``qkv`` of
     their real tokens only (a zero-padded token's q, k, v is exactly the qkv bias, which is written
-    instead), then attention per (window, head). Returns the pre-projection output (B*H*W, C)."""
-    B, H, W, C = xn.shape
+    instead), then attention per (window, head). Returns the pre-projection output (B*H*W, C).
+
+    On the bf16 path ``xn`` is ``(B, H, W, 2C)``: the normalised tokens twice, for the split qkv weights."""
+    B, H, W, width_in = xn.shape
+    C = attn.qkv.out_features // 3
     nh = attn.num_heads
     hd, T = C // nh, ws * ws
     ph, pw = (ws - H % ws) % ws, (ws - W % ws) % ws
@@ -212,21 +270,29 @@ def _window_attention(attn: Attention, xn: torch.Tensor, ws: int, scratch: _Scra
     out = scratch.get("attn_out", B, H, W, nh, hd)
     pad_value = None
     if ph or pw:
-        pad_value = (attn.qkv.bias.view(3, nh, hd) if attn.qkv.bias is not None
-                     else xn.new_zeros(3, nh, hd))
-    rh = get_rel_pos(ws, ws, attn.rel_pos_h) if attn.use_rel_pos else None
-    rw = get_rel_pos(ws, ws, attn.rel_pos_w) if attn.use_rel_pos else None
+        low = scratch.dtype != torch.float32
+        qkv_bias = bf16.split_params(attn.qkv)[1] if low else _params(attn.qkv, scratch.dtype)[1]
+        pad_value = qkv_bias.view(3, nh, hd) if qkv_bias is not None else xn.new_zeros(3, nh, hd)
+    extended = _extended(scratch, opts, attn)
+    rh = _rel_pos(ws, attn.rel_pos_h, scratch.dtype) if attn.use_rel_pos else None
+    rw = _rel_pos(ws, attn.rel_pos_w, scratch.dtype) if attn.use_rel_pos else None
     per_row = nbw * nh  # (window, head) pairs in one row of windows
-    rows = max(1, min(nbh, opts.chunk_bytes // (4 * per_row * T * T)))
+    rows = max(1, min(nbh, opts.chunk_bytes // (scratch.itemsize * per_row * T * T)))
+    width = encoder_bf16.augmented_width(hd, ws, ws) if extended else hd
     for b in range(B):
         for i0 in range(0, nbh, rows):
             r = min(rows, nbh - i0)
             n = r * per_row
             y0, y1 = i0 * ws, min((i0 + r) * ws, H)
-            qkv = _linear_into(xn[b, y0:y1].reshape(-1, C), attn.qkv, scratch.get("qkv", (y1 - y0) * W, 3 * C))
+            qkv = _linear_into(xn[b, y0:y1].reshape(-1, width_in), attn.qkv, scratch.get("qkv", (y1 - y0) * W, 3 * C))
             src = qkv.view(y1 - y0, W, 3, nh, hd)
-            # (3, r, nbw, nh, ws, ws, hd), seen as pixels (r, ws, nbw, ws, 3, nh, hd)
-            heads = scratch.get("heads", 3, r, nbw, nh, ws, ws, hd)
+            # (3, r, nbw, nh, ws, ws, hd), seen as pixels (r, ws, nbw, ws, 3, nh, hd); with extended queries and
+            # keys (bf16) the plain values are the first hd of D columns
+            if extended:
+                full = scratch.get("heads", 3, r, nbw, nh, ws, ws, width)
+                heads = full[..., :hd]
+            else:
+                heads = scratch.get("heads", 3, r, nbw, nh, ws, ws, hd)
             pix = heads.permute(1, 4, 2, 5, 0, 3, 6)
             if pad_value is not None:
                 if ph and i0 + r == nbh:
@@ -234,6 +300,12 @@ def _window_attention(attn: Attention, xn: torch.Tensor, ws: int, scratch: _Scra
                 if pw:
                     pix[:, :, nbw - 1, ws - pw:] = pad_value
             _window_copy(pix, src, ws, to_windows=True)
+            if extended:
+                q, k, v = full.view(3, n, T, width).unbind(0)
+                res = encoder_bf16.attend(q, k, v, rh, rw, (ws, ws), attn.scale)
+                _window_copy(res.view(r, nbw, nh, ws, ws, hd).permute(0, 3, 1, 4, 2, 5), out[b, y0:y1], ws,
+                             to_windows=False)
+                continue
             q, k, v = heads.view(3, n, T, hd).unbind(0)
             scores = scratch.get("scores", n, T, T)
             if rh is not None:  # add_decomposed_rel_pos's einsums
@@ -303,6 +375,9 @@ class ImageEncoder(ImageEncoderViT):
     Attributes:
         fast_path: None (auto: fast path on CPU for float32), True or False; see the module docstring.
         fast_options: :class:`FastPathOptions` of the fast path.
+        precision: ``"fp32"`` (default) or ``"bf16"``: compute dtype of the fast path's transformer blocks
+            (see the module docstring; set through ``RobustMedSAMLib.precision.set_precision``). Inputs and
+            outputs are float32 either way; the parameters stay float32.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -313,6 +388,15 @@ class ImageEncoder(ImageEncoderViT):
         self.early_block = global_blocks[0]
         self.fast_path: Optional[bool] = None
         self.fast_options = FastPathOptions()
+        self.precision = "fp32"
+
+    def set_precision(self, precision: str) -> None:
+        """``"fp32"`` or ``"bf16"`` (the bf16 weight copies are made on first use, and freed for fp32)."""
+        if precision not in COMPUTE_DTYPES:
+            raise ValueError(f"precision must be one of {tuple(COMPUTE_DTYPES)}, got {precision!r}")
+        self.precision = precision
+        if precision == "fp32":
+            bf16.drop(self)
 
     # -- which path ----------------------------------------------------------------------------------
     def _blocks_are_plain(self) -> bool:
@@ -332,7 +416,8 @@ class ImageEncoder(ImageEncoderViT):
         return True
 
     def path_for(self, x: torch.Tensor) -> str:
-        """``"fast"`` or ``"reference"``: the path :meth:`forward` takes for input ``x``."""
+        """``"fast"``, ``"fast-bf16"`` (the fast path computing in bfloat16: ``precision == "bf16"``, CPU) or
+        ``"reference"``: the path :meth:`forward` takes for input ``x``."""
         mode = self.fast_path
         if os.environ.get(ENV_SWITCH, "").strip().lower() == "reference" or mode is False:
             return "reference"
@@ -345,12 +430,19 @@ class ImageEncoder(ImageEncoderViT):
             return "reference"
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return "reference"
-        return "fast" if self._blocks_are_plain() else "reference"
+        if not self._blocks_are_plain():
+            return "reference"
+        if self.precision == "bf16" and x.device.type == "cpu" and x.dtype == torch.float32:
+            return "fast-bf16"
+        return "fast"
 
     # -- forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self.path_for(x) == "fast":
+        path = self.path_for(x)
+        if path == "fast":
             return self.forward_fast(x)
+        if path == "fast-bf16":
+            return self.forward_fast(x, torch.bfloat16)
         return self.forward_reference(x)
 
     def forward_reference(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -365,16 +457,20 @@ class ImageEncoder(ImageEncoderViT):
                 early = x
         return self.neck(x.permute(0, 3, 1, 2)), early
 
-    def forward_fast(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The fast path (inference only: no autograd through the in-place ops)."""
+    def forward_fast(self, x: torch.Tensor, compute_dtype: Optional[torch.dtype] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The fast path (inference only: no autograd through the in-place ops). ``compute_dtype``:
+        None (the input's dtype) or ``torch.bfloat16`` for a float32 input (the bf16 path: patch embedding,
+        residual stream, LayerNorm, neck and outputs stay float32)."""
         x = self.patch_embed(x)
         if self.pos_embed is not None:
             x = x + self.pos_embed
         x = x.contiguous()
-        scratch = _Scratch(x)
+        scratch = _Scratch(x, compute_dtype)
+        block = _fast_block if scratch.dtype == x.dtype else encoder_bf16.block
         early = None
         for i, blk in enumerate(self.blocks):
-            x = _fast_block(blk, x, scratch, self.fast_options)
+            x = block(blk, x, scratch, self.fast_options)
             if i == self.early_block:
                 early = x
         del scratch

@@ -54,6 +54,9 @@ class SegmentationModel(nn.Module):
         return self.mask_decoder.has_robust_modules
 
     batchnorm_mode = "running"
+    # "fp32", "bf16" or "fp16" once set by ``RobustMedSAMLib.precision.set_precision`` (load_model does); None:
+    # float32 on the CPU, the default autocast on CUDA (``acceleration.encode_batched``)
+    precision = None
 
     def set_batchnorm_mode(self, mode: str) -> None:
         """``"running"`` (default) or ``"per_sample"`` (official eval scripts); see ``robust_blocks``.

@@ -29,6 +29,8 @@ from torch import nn
 
 from segment_anything.modeling.common import LayerNorm2d
 
+from . import bf16
+
 BATCHNORM_MODES = ("running", "per_sample")
 
 
@@ -118,8 +120,8 @@ class SelectiveConv(nn.Module):
         self.BN = SampleBatchNorm2d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out1 = self.conv1(F.leaky_relu(self.BN(x), 0.01))
-        out2 = self.conv2(F.leaky_relu(F.instance_norm(x, eps=1e-5), 0.01))
+        out1 = bf16.conv(self.conv1, F.leaky_relu(self.BN(x), 0.01))
+        out2 = bf16.conv(self.conv2, F.leaky_relu(F.instance_norm(x, eps=1e-5), 0.01))
         return self.selector.mix(out1 + out2, out1, out2)
 
 
@@ -178,7 +180,7 @@ class FGMBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spectrum = torch.fft.rfft2(x, dim=(-2, -1))
         magnitude = spectrum.abs()
-        modified = self.conv_layer(magnitude)
+        modified = bf16.conv(self.conv_layer, magnitude)
         zero = magnitude == 0
         if bool(zero.any()):  # angle(0) = 0: there the new spectrum is the (real) new magnitude
             spectrum = torch.where(zero, torch.ones_like(spectrum), spectrum)
@@ -211,8 +213,8 @@ class FeatureBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, robust: bool = True) -> torch.Tensor:
         if robust:
-            x = self.conv_layer(self.fgm_block(self.dnc_block_combined(x)))
-        return self.upsample_layer(x) if self.head == "upsample" else self.downsample_layer(x)
+            x = bf16.conv(self.conv_layer, self.fgm_block(self.dnc_block_combined(x)))
+        return _sequential(self.upsample_layer if self.head == "upsample" else self.downsample_layer, x)
 
     def projected(self, x: torch.Tensor, hyper: torch.Tensor, robust: bool = True) -> torch.Tensor:
         """``hyper @ forward(x)`` per pixel, for a "downsample" block: ``x (B, c, H, W)``, ``hyper (B, K, c)`` ->
@@ -225,9 +227,9 @@ class FeatureBlock(nn.Module):
         the convolution kernels (about 10x slower for these sizes).
         """
         if robust:
-            x = self.conv_layer(self.fgm_block(self.dnc_block_combined(x)))
+            x = bf16.conv(self.conv_layer, self.fgm_block(self.dnc_block_combined(x)))
         last = self.downsample_layer[-1]
-        g = self.downsample_layer[:-1](x)
+        g = _sequential(self.downsample_layer[:-1], x)
         b, k, _ = hyper.shape
         ci, kh, kw = last.weight.shape[1:]
         weight = torch.einsum("bkc,cihw->bkhwi", hyper, last.weight).reshape(b, k * kh * kw, ci)
@@ -235,6 +237,13 @@ class FeatureBlock(nn.Module):
         taps = torch.bmm(weight, g.reshape(b, ci, h * w)).view(b, k, kh, kw, h, w)
         out = (hyper @ last.bias)[..., None, None].expand(b, k, h, w).contiguous()
         return _add_shifted_taps(out, taps, last.padding)
+
+
+def _sequential(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``layers(x)``, with the convolutions marked for bf16 compute run through :func:`bf16.conv`."""
+    for layer in layers:
+        x = bf16.conv(layer, x) if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) else layer(x)
+    return x
 
 
 def _add_shifted_taps(out: torch.Tensor, taps: torch.Tensor, padding) -> torch.Tensor:
