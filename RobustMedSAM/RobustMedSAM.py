@@ -81,7 +81,10 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = RobustMedSAMLogic()
 
-        self.ui.intensityComboBox.addItems(["display", "auto", "soft_tissue", "lung", "bone", "brain", "MR"])
+        from RobustMedSAMLogic.engine import INTENSITY_CHOICES, PRECISION_CHOICES  # numpy only, no torch
+
+        self.ui.intensityComboBox.addItems(list(INTENSITY_CHOICES))
+        self.ui.precisionComboBox.addItems(list(PRECISION_CHOICES))
         self.ui.axisComboBox.addItems(["k", "j", "i", "axial", "coronal", "sagittal"])
         self.ui.deviceComboBox.addItems(["auto", "cpu", "cuda"])  # refined by the engine once it runs
         self.ui.checkpointPathLineEdit.filters = ctk.ctkPathLineEdit.Files
@@ -94,6 +97,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for widget, signal in ((self.ui.modelComboBox, "currentIndexChanged(int)"),
                                (self.ui.deviceComboBox, "currentIndexChanged(int)"),
                                (self.ui.intensityComboBox, "currentIndexChanged(int)"),
+                               (self.ui.precisionComboBox, "currentIndexChanged(int)"),
                                (self.ui.axisComboBox, "currentIndexChanged(int)"),
                                (self.ui.cacheSizeSpinBox, "valueChanged(double)"),
                                (self.ui.fp16CheckBox, "toggled(bool)"),
@@ -203,6 +207,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.cacheSizeSpinBox.value = s.cacheMB
             self.ui.fp16CheckBox.checked = s.fp16Cache
             self.ui.intensityComboBox.currentText = s.intensity
+            self.ui.precisionComboBox.currentText = s.precision
             self.ui.axisComboBox.currentText = s.axis
             self.ui.propagateCheckBox.checked = s.propagate
             self.ui.iouThresholdSliderWidget.value = s.iouThreshold
@@ -222,6 +227,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         s.cacheMB = float(self.ui.cacheSizeSpinBox.value)
         s.fp16Cache = bool(self.ui.fp16CheckBox.checked)
         s.intensity = self.ui.intensityComboBox.currentText
+        s.precision = self.ui.precisionComboBox.currentText
         s.axis = self.ui.axisComboBox.currentText
         s.propagate = bool(self.ui.propagateCheckBox.checked)
         s.iouThreshold = float(self.ui.iouThresholdSliderWidget.value)

@@ -146,6 +146,21 @@ def test_ui_file_defines_every_widget_the_module_uses():
     assert used and used <= names, sorted(used - names)
 
 
+def test_slicer_choices_are_the_engines():
+    """The module lists its choices without importing the engine modules that import torch: they must stay
+    the engine's (precision modes, intensity presets)."""
+    sys.path.insert(0, str(MODULE_DIR))
+    try:
+        from RobustMedSAMLogic.engine import INTENSITY_CHOICES, PRECISION_CHOICES
+    finally:
+        sys.path.remove(str(MODULE_DIR))
+    from RobustMedSAMLib.intensity import WINDOW_PRESETS
+    from RobustMedSAMLib.precision import PRECISIONS
+
+    assert PRECISION_CHOICES == PRECISIONS
+    assert set(WINDOW_PRESETS) <= set(INTENSITY_CHOICES)
+
+
 def test_requirements_file():
     import sys
 

@@ -36,7 +36,7 @@ def ct_like(shape=SHAPE, seed=0):
 
 
 def connection(client):
-    conn = EngineConnection(client, ModelSpec("tiny"))
+    conn = EngineConnection(client, ModelSpec("tiny", precision="fp32"))  # as the in-process reference
     conn.debounce = 0.0
     conn.set_volume(ct_like()[0], np.diag([-0.8, -0.8, 2.5, 1.0]), key="ct")
     return conn

@@ -31,7 +31,9 @@ CUSTOM_CHECKPOINT = "custom checkpoint"
 #: intensity mapping choices: "display" (the volume's window/level as shown in the slice views: what the
 #: user sees is what the model sees), "auto" (engine: CT window or MR percentiles), a window preset name,
 #: or "LEVEL,WIDTH".
-INTENSITY_CHOICES = ("display", "auto", "soft_tissue", "lung", "bone", "brain", "MR")
+INTENSITY_CHOICES = ("display", "auto", "wide", "soft_tissue", "lung", "bone", "brain", "MR")
+#: numerical precision choices (``RobustMedSAMLib.precision.PRECISIONS``, which imports torch: not here)
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
 
 
 def model_names() -> Tuple[str, ...]:
@@ -87,14 +89,15 @@ class ModelChoice:
     robust: Optional[bool] = None        # None: the configuration's decoder path
     cache_mb: float = 1024.0
     fp16_cache: bool = False
+    precision: str = "auto"              # RobustMedSAMLib.precision.PRECISIONS: auto, fp32, bf16
 
     @property
     def key(self) -> tuple:
-        return (self.model, self.checkpoint, self.device, self.robust)
+        return (self.model, self.checkpoint, self.device, self.robust, self.precision)
 
     def spec(self) -> ModelSpec:
         return ModelSpec(self.model, self.checkpoint, self.device, self.robust, float(self.cache_mb),
-                         bool(self.fp16_cache))
+                         bool(self.fp16_cache), precision=self.precision)
 
 
 def worker_python() -> str:

@@ -28,6 +28,7 @@ class Settings:
     device: str = "auto"
     cacheMB: float = 1024.0
     fp16Cache: bool = False
+    precision: str = "auto"                                             # auto / fp32 / bf16 (engine.PRECISION_CHOICES)
     intensity: str = "display"
     axis: str = "k"
     stopRule: str = DEFAULT_RULE                                        # see RobustMedSAMLib.stop_rules
@@ -39,7 +40,8 @@ class Settings:
     allowDownload: bool = True
 
     def model_choice(self) -> ModelChoice:
-        return ModelChoice(self.model, self.checkpoint, self.device, None, float(self.cacheMB), bool(self.fp16Cache))
+        return ModelChoice(self.model, self.checkpoint, self.device, None, float(self.cacheMB), bool(self.fp16Cache),
+                           self.precision)
 
 
 def _parse(kind, text: str):

@@ -27,7 +27,8 @@ from .inprocess import InProcessClient
 @dataclass(frozen=True)
 class ModelSpec:
     """What the worker loads: a named ``model`` (or ``"custom checkpoint"``), optional ``checkpoint`` file,
-    ``device``, decoder path (``robust`` None = the configuration's), encoding cache size and storage."""
+    ``device``, decoder path (``robust`` None = the configuration's), encoding cache size and storage,
+    numerical ``precision``."""
 
     model: str = "robustmedsam"
     checkpoint: str = ""
@@ -36,6 +37,7 @@ class ModelSpec:
     cache_mb: float = 1024.0
     fp16_cache: bool = False
     seed: int = 0
+    precision: str = "auto"   # RobustMedSAMLib.precision: auto (bf16 where measured to pay), fp32, bf16
 
     def fields(self) -> Dict[str, Any]:
         return asdict(self)

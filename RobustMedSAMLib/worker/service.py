@@ -9,8 +9,9 @@ plain values and the dataclasses of :mod:`.protocol`; every handler calls the en
 Requests (``kind``: fields -> result):
 
 * ``hello``: -> ``{pid, python, torch}``; ``devices``: -> list of device names ("auto", "cpu", "cuda"...).
-* ``load``: ``model, checkpoint, device, robust, cache_mb, fp16_cache, allow_download, seed`` -> ``{description,
-  device, robust, model}``. Downloads (progress in bytes, cancellable) and loads unless the same is loaded.
+* ``load``: ``model, checkpoint, device, robust, cache_mb, fp16_cache, allow_download, seed, precision`` ->
+  ``{description, device, robust, model, precision, precision_reason}``. Downloads (progress in bytes,
+  cancellable) and loads unless the same is loaded.
 * ``set_volume``: ``key, ijk_to_lps`` and ``path`` (a ``.npy`` file, memory-mapped) or ``array`` ``(K, J, I)``;
   ``drop_volume``: ``key``. Volumes are referenced by ``key`` afterwards; ``mapping`` fields say how their
   intensities become uint8 (:func:`mapping_spec`), computed once per volume and mapping.
@@ -129,13 +130,13 @@ class EngineService:
 
     def do_load(self, ctx, model: str = "robustmedsam", checkpoint: str = "", device: str = "auto",
                 robust: Optional[bool] = None, cache_mb: float = 1024.0, fp16_cache: bool = False,
-                allow_download: bool = True, seed: int = 0) -> dict:
-        key = (model, checkpoint, device, seed)
+                allow_download: bool = True, seed: int = 0, precision: Optional[str] = "auto") -> dict:
+        key = (model, checkpoint, device, seed, precision)
         if self.loaded is None or (self.load_key != key and self.load_key != ("injected",)):
             self.close()
             self.loaded, self.load_key = None, None
             try:
-                self._load(ctx, model, checkpoint, device, allow_download, seed)
+                self._load(ctx, model, checkpoint, device, allow_download, seed, precision)
             except Exception as e:
                 self.load_error = str(e) or type(e).__name__
                 raise
@@ -144,7 +145,7 @@ class EngineService:
             self._new_predictor(robust, cache_mb, fp16_cache)
         return self._describe()
 
-    def _load(self, ctx, model, checkpoint, device, allow_download, seed) -> None:
+    def _load(self, ctx, model, checkpoint, device, allow_download, seed, precision) -> None:
         from RobustMedSAMLib.models import get_config, load_model, seeded_model
         from RobustMedSAMLib.weights import ensure_weights
 
@@ -153,13 +154,14 @@ class EngineService:
                 raise RequestError("choose a checkpoint file (.pth or .safetensors) for 'custom checkpoint'")
             if not os.path.isfile(checkpoint):
                 raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-            self.loaded = load_model(None, checkpoint, device=device)
+            self.loaded = load_model(None, checkpoint, device=device, precision=precision)
         elif checkpoint:
-            self.loaded = load_model(model, checkpoint, device=device)
+            self.loaded = load_model(model, checkpoint, device=device, precision=precision)
         elif get_config(model).weights is None and get_config(model).family == "sam":
-            self.loaded = seeded_model(model, seed=int(seed), device=device)  # test configurations (tiny)
+            # test configurations (tiny): seeded weights
+            self.loaded = seeded_model(model, seed=int(seed), device=device, precision=precision)
         elif get_config(model).weights is None:
-            self.loaded = load_model(model, device=device)  # weights come with a package (litemedsam)
+            self.loaded = load_model(model, device=device, precision=precision)  # weights from a package
         else:
             def progress(done, total=None):
                 ctx.progress(done, total, "downloading the model weights")
@@ -167,7 +169,7 @@ class EngineService:
             ensure_weights(get_config(model).weights, allow_download=allow_download, progress=progress,
                            cancel=ctx.cancelled)
             ctx.progress(0, None, "loading the model")
-            self.loaded = load_model(model, device=device, allow_download=False)
+            self.loaded = load_model(model, device=device, allow_download=False, precision=precision)
 
     def _new_predictor(self, robust, cache_mb, fp16_cache) -> None:
         from RobustMedSAMLib.predictor import EncodingCache, Predictor
@@ -185,8 +187,12 @@ class EngineService:
     def _describe(self) -> dict:
         p = self._require_predictor()
         cfg = self.loaded.config
+        precision = getattr(self.loaded, "precision", "fp32")
+        reason = getattr(self.loaded, "precision_reason", "")
         return {"model": cfg.name, "device": str(self.loaded.device), "robust": bool(p.robust),
-                "description": f"{cfg.name} on {self.loaded.device} ({'robust' if p.robust else 'SAM'} decoder path)"}
+                "precision": precision, "precision_reason": reason,
+                "description": f"{cfg.name} on {self.loaded.device}, {precision} "
+                               f"({'robust' if p.robust else 'SAM'} decoder path)"}
 
     def _require_predictor(self):
         if self.loaded is None:
