@@ -83,6 +83,11 @@ GATES: Dict[str, Gate] = {
     "medsam": Gate(f"{_PARITY} (ViT-B, SAM decoder path)", 0.005, 0.0009, _TEST),
     "sam-vit-b": Gate(f"{_PARITY} (ViT-B, SAM decoder path)", 0.005, 0.0009, _TEST),
     "tiny": Gate(f"{_PARITY} (tiny test model, both paths)", 0.005, 0.0023, _TEST),
+    # LiteMedSAM has no bf16 path of its own; under CPU bf16 autocast its encoder took 0.61-0.69x the fp32 time,
+    # but the lumbar column's one-box propagation stopped 2 slices earlier (Dice 0.743 -> 0.636): the gate fails
+    "litemedsam": Gate("largest change of a structure's 3D Dice (oracle, one box, three boxes), field evaluation "
+                       "on the sample chest CT, encoder under bf16 autocast vs float32", 0.01, 0.107,
+                       "scripts/litemedsam_bf16_gate.py (2026-12-03, Intel Xeon with AMX-BF16, torch 2.14.1)"),
 }
 
 

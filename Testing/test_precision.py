@@ -185,6 +185,7 @@ def test_vit_b_parity_gates(vit_b):
 def test_every_named_gate_is_for_a_known_model():
     from RobustMedSAMLib.models import MODELS
 
-    assert set(P.GATES) <= set(MODELS) | {"litemedsam"}
+    assert set(P.GATES) <= set(MODELS)
     for gate in P.GATES.values():
         assert gate.limit > 0 and gate.evidence
+    assert not P.GATES["litemedsam"].holds  # measured: bf16 changes a structure's Dice by 0.107 (limit 0.01)
