@@ -92,7 +92,9 @@ def test_extension_metadata_matches_catalog_entry():
     assert variables["EXTENSION_ICONURL"].endswith("/RobustMedSAM.png")
     # every picture the catalogue shows is a file of this repository (raw GitHub URL of the main branch)
     raw = variables["EXTENSION_HOMEPAGE"].replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
-    urls = [variables["EXTENSION_ICONURL"]] + variables["EXTENSION_SCREENSHOTURLS"].split()
+    screenshots = variables["EXTENSION_SCREENSHOTURLS"].split()
+    assert screenshots  # ExtensionsIndex's check_description_files.py refuses an empty list
+    urls = [variables["EXTENSION_ICONURL"]] + screenshots
     for url in urls:
         assert url.startswith(raw) and (REPO / url[len(raw):]).is_file(), url
     lic = (REPO / "LICENSE").read_text()
@@ -102,7 +104,8 @@ def test_extension_metadata_matches_catalog_entry():
 @pytest.mark.parametrize("path,size", [("RobustMedSAM.png", (128, 128)),
                                        ("RobustMedSAM/Resources/Icons/RobustMedSAM.png", (128, 128)),
                                        ("RobustMedSAM/SegmentEditorRobustMedSAMLib/SegmentEditorEffect.png", None),
-                                       ("RobustMedSAM/SegmentEditorRobustMedSAMPropagateLib/SegmentEditorEffect.png", None)])
+                                       ("RobustMedSAM/SegmentEditorRobustMedSAMPropagateLib/SegmentEditorEffect.png", None),
+                                       ("docs/field_evaluation_chest_ct.png", None)])
 def test_icons_are_png(path, size):
     from PIL import Image
 
