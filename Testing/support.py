@@ -2,10 +2,16 @@
 predictions."""
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import numpy as np
 import SimpleITK as sitk
 
+from RobustMedSAMLib.seeded import seeded_array
 from RobustMedSAMLib.volume_io import Volume
+
+PARITY = Path(__file__).resolve().parent / "data" / "parity"
 
 
 def boxed_prediction(mask: np.ndarray, prompt, multimask: bool = False):
@@ -109,3 +115,23 @@ def load_with_slicer(path):
         # Slicer's image-to-world (RAS) matrix; we write a zero extent offset, so its ijk are the file's
         matrix = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
     return out, matrix
+
+
+def load_parity(name: str) -> dict:
+    """One reference file of Testing/data/parity (written by the official code; no pickles)."""
+    with np.load(PARITY / name, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def vit_b_decoder_inputs(ref: dict):
+    """The documented seeded inputs of vit_b_decoder.npz: image embeddings (1, 256, 64, 64) and early
+    encoder features (1, 64, 64, 768), each standard normal (seeded_array * sqrt(prod(shape[1:]))) * std."""
+    import torch
+
+    seed = int(ref["meta.input_seed"])
+    out = []
+    for name, shape, std in (("parity.vit_b.embeddings", (1, 256, 64, 64), float(ref["meta.embeddings_std"])),
+                             ("parity.vit_b.early", (1, 64, 64, 768), float(ref["meta.early_std"]))):
+        scale = np.float32(math.sqrt(math.prod(shape[1:])) * std)
+        out.append(torch.from_numpy(seeded_array(name, shape, seed) * scale))
+    return out

@@ -17,9 +17,7 @@ first three, which are the three masks we return.
 """
 from __future__ import annotations
 
-import math
 import weakref
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,18 +27,13 @@ from RobustMedSAMLib.modeling import TINY, VIT_B, build_model
 from RobustMedSAMLib.modeling.model import ImageEncoding
 from RobustMedSAMLib.preprocess import Preprocessing, prepare_image
 from RobustMedSAMLib.seeded import seed_module, seeded_array, seeded_image
+from support import load_parity, vit_b_decoder_inputs
 
-PARITY = Path(__file__).resolve().parent / "data" / "parity"
 LOGIT_TOL = 1e-3
 IOU_TOL = 1e-4
 INPUT_TOL = 1e-4  # model input (normalised pixels) after resizing
 MODES = ("running", "per_sample")
 OFFICIAL_COMMIT = "6f0e2637e58f812985cdf9f403a5d7515a66fe38"
-
-
-def _load(name: str) -> dict:
-    with np.load(PARITY / name, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
 
 
 def _stats(x: torch.Tensor) -> np.ndarray:
@@ -98,7 +91,7 @@ def _assert_final_mask(logits_hw: torch.Tensor, packed: np.ndarray) -> None:
 # --------------------------------------------------------------------------------------- (a) tiny
 @pytest.fixture(scope="module")
 def tiny_ref():
-    return _load("tiny.npz")
+    return load_parity("tiny.npz")
 
 
 @pytest.fixture(scope="module")
@@ -194,23 +187,12 @@ def vit_b():
 
 @pytest.fixture(scope="module")
 def vit_b_ref():
-    return _load("vit_b_decoder.npz")
-
-
-def _vit_b_inputs(ref):
-    """Documented seeded decoder inputs: standard normal (seeded_array * sqrt(prod(shape[1:]))) * std."""
-    seed = int(ref["meta.input_seed"])
-    out = []
-    for name, shape, std in (("parity.vit_b.embeddings", (1, 256, 64, 64), float(ref["meta.embeddings_std"])),
-                             ("parity.vit_b.early", (1, 64, 64, 768), float(ref["meta.early_std"]))):
-        scale = np.float32(math.sqrt(math.prod(shape[1:])) * std)
-        out.append(torch.from_numpy(seeded_array(name, shape, seed) * scale))
-    return out
+    return load_parity("vit_b_decoder.npz")
 
 
 @pytest.fixture(scope="module")
 def vit_b_encodings(vit_b, vit_b_ref):
-    emb, early = _vit_b_inputs(vit_b_ref)
+    emb, early = vit_b_decoder_inputs(vit_b_ref)
     encodings = {}
     with torch.no_grad():
         for mode in MODES:
@@ -250,7 +232,7 @@ def test_vit_b_decoder(vit_b, vit_b_ref, vit_b_encodings, case, path, mode):
 @pytest.mark.slow
 def test_vit_b_end_to_end_like_official_eval(vit_b):
     """Seeded 300 x 400 image, one box, robust path, per-sample BatchNorm: the official eval.py setting."""
-    ref = _load("vit_b_e2e.npz")
+    ref = load_parity("vit_b_e2e.npz")
     _check_provenance(ref, vit_b)
     image = seeded_image(tuple(ref["meta.image_shape"]), int(ref["meta.image_seed"]))
     assert int(image.astype(np.int64).sum()) == int(ref["check.image_sum"])

@@ -9,9 +9,6 @@ bf16 is emulated (slowly) on CPUs without native bf16, so these tests run everyw
 """
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,20 +16,14 @@ import torch
 
 from RobustMedSAMLib import precision as P
 from RobustMedSAMLib.modeling import TINY, VIT_B, build_model
-from RobustMedSAMLib.modeling import bf16
 from RobustMedSAMLib.modeling.model import ImageEncoding
 from RobustMedSAMLib.preprocess import Preprocessing, prepare_image
-from RobustMedSAMLib.seeded import seed_module, seeded_array, seeded_image
+from RobustMedSAMLib.seeded import seed_module, seeded_image
+from support import load_parity, vit_b_decoder_inputs
 
-PARITY = Path(__file__).resolve().parent / "data" / "parity"
 MODES = ("running", "per_sample")
 PATHS = ("clear", "robust")
 STALE = 0.001  # a re-measured gate may exceed the value recorded in GATES by this much (other CPUs' kernels)
-
-
-def _load(name):
-    with np.load(PARITY / name, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
 
 
 def _differing(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -54,7 +45,7 @@ def _run(model, precision, fn):
 def _tiny_cases():
     """{(path, mode, case): fraction differing} for the tiny parity file, end to end (image -> mask at the
     original size), every prompt kind of the file."""
-    ref = _load("tiny.npz")
+    ref = load_parity("tiny.npz")
     model = build_model(TINY)
     seed_module(model, int(ref["meta.weight_seed"]))
     image = seeded_image(tuple(ref["meta.image_shape"]), int(ref["meta.image_seed"]))
@@ -89,14 +80,8 @@ def vit_b():
 def _vit_b_decoder_cases(model):
     """The ViT-B decoder file: seeded embeddings / early features, box / points / box + points, both paths
     and BatchNorm modes; low-resolution masks (256 x 256)."""
-    ref = _load("vit_b_decoder.npz")
-    seed = int(ref["meta.input_seed"])
-    inputs = []
-    for name, shape, std in (("parity.vit_b.embeddings", (1, 256, 64, 64), float(ref["meta.embeddings_std"])),
-                             ("parity.vit_b.early", (1, 64, 64, 768), float(ref["meta.early_std"]))):
-        scale = np.float32(math.sqrt(math.prod(shape[1:])) * std)
-        inputs.append(torch.from_numpy(seeded_array(name, shape, seed) * scale))
-    emb, early = inputs
+    ref = load_parity("vit_b_decoder.npz")
+    emb, early = vit_b_decoder_inputs(ref)
     out = {}
     for mode in MODES:
         model.set_batchnorm_mode(mode)
@@ -123,7 +108,7 @@ def _vit_b_decoder_cases(model):
 def _vit_b_e2e_cases(model):
     """The ViT-B end-to-end file: seeded 300 x 400 image and box through encoder and decoder, masks at the
     original size; robust path in both BatchNorm modes and the SAM path."""
-    ref = _load("vit_b_e2e.npz")
+    ref = load_parity("vit_b_e2e.npz")
     image = seeded_image(tuple(ref["meta.image_shape"]), int(ref["meta.image_seed"]))
     x, frame = prepare_image(image, Preprocessing("sam"))
     box = torch.as_tensor(frame.boxes_to_model(np.array([ref["meta.box"]], dtype=np.float64)), dtype=torch.float32)
