@@ -41,6 +41,9 @@ number). Measured in one process, with warm-up runs and medians over ``--repeats
   batched encoding, and peak CUDA memory.
 
 Absolute numbers need an otherwise idle machine; the ratios within one run are robust to moderate load.
+
+The shared seeded set-up is in ``bench_setup.py``, the reference worker in ``bench_reference.py``, the memory
+parts in ``bench_memory.py``, the table in ``bench_table.py`` and the measuring tools in ``measure.py``.
 """
 from __future__ import annotations
 
@@ -49,16 +52,15 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
-from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 
+from .bench_reference import ReferenceWorker, serve_reference
+from .bench_setup import box_prompt, encoder_kwargs, model_name, run_propagation, seeded_input, seeded_volume
 from .bench_table import format_table
 from .measure import (GEMM_SHAPES, QUICK_GEMM_SHAPES, counted_flops, encoder_flops, encoder_flops_bf16, gemm_rate,
                       median_time, stats)
@@ -67,131 +69,8 @@ from .bench_memory import BF16_PARTS, PARTS, measure_memory, run_part  # noqa: F
 
 
 # ----------------------------------------------------------------------------------------------------------
-# set-up shared by the parts
-# ----------------------------------------------------------------------------------------------------------
-
-def _model_name(quick: bool) -> str:
-    return "tiny" if quick else "robustmedsam"
-
-
-def _encoder_kwargs(arch) -> Dict[str, Any]:
-    """The ``ImageEncoderViT`` arguments of ``modeling.model.build_model``."""
-    return dict(depth=arch.depth, embed_dim=arch.embed_dim, img_size=arch.image_size, mlp_ratio=4,
-                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=arch.num_heads,
-                patch_size=arch.patch_size, qkv_bias=True, use_rel_pos=True,
-                global_attn_indexes=arch.global_attn_indexes, window_size=arch.window_size,
-                out_chans=arch.prompt_dim)
-
-
-def _seeded_encoder(kind: str, arch, seed: int = 0):
-    """segment_anything's ``ImageEncoderViT`` ("reference") or ours ("fast"), seeded like the full model."""
-    from segment_anything.modeling import ImageEncoderViT
-
-    from .modeling.image_encoder import ImageEncoder
-    from .seeded import seed_module
-
-    enc = (ImageEncoderViT if kind == "reference" else ImageEncoder)(**_encoder_kwargs(arch))
-    seed_module(enc, seed, prefix="image_encoder.")
-    return enc.eval()
-
-
-def _input(arch, device=None) -> torch.Tensor:
-    from .preprocess import Preprocessing, prepare_image
-    from .seeded import seeded_image
-
-    side = max(arch.image_size // 2, 64)
-    x, _ = prepare_image(seeded_image((side, side, 3), seed=3), Preprocessing("sam", arch.image_size), device)
-    return x
-
-
-def _ellipse(shape, frac: float = 0.25) -> np.ndarray:
-    h, w = shape
-    yy, xx = np.mgrid[0:h, 0:w]
-    return ((yy - h / 2) / (frac * h)) ** 2 + ((xx - w / 2) / (frac * w)) ** 2 <= 1.0
-
-
-def _volume(slices: int, side: int) -> np.ndarray:
-    from .seeded import seeded_image
-
-    return np.stack([seeded_image((side, side), seed=100 + z) for z in range(slices)])
-
-
-def _box_prompt(side: int):
-    from .prompts import Prompt
-
-    return Prompt(box=[side * 0.25, side * 0.3, side * 0.7, side * 0.75])
-
-
-def _run_propagation(predictor, slices: int, side: int):
-    """Propagate through ``slices`` slices between two seed slices; returns (seconds, result)."""
-    from .propagation import propagate
-    from .volume_segmentation import VolumeSegmenter
-
-    volume = _volume(slices + 2, side)
-    segmenter = VolumeSegmenter(predictor, volume, axis=0)
-    seed = _ellipse((side, side))
-    t0 = time.perf_counter()
-    result = propagate(segmenter, {0: seed, slices + 1: seed}, iou_threshold=0.0)
-    return time.perf_counter() - t0, result
-
-
-# ----------------------------------------------------------------------------------------------------------
 # the benchmark
 # ----------------------------------------------------------------------------------------------------------
-
-class ReferenceWorker:
-    """segment_anything's encoder in a fresh process with the default allocator, run on request.
-
-    Protocol (one line each way): ``run`` -> ``{"wall": s, "cpu": s}``; end of input -> exit.
-    """
-
-    def __init__(self, quick: bool, threads: int) -> None:
-        from .allocator import ENV_SWITCH
-
-        root = str(Path(__file__).resolve().parents[1])
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        env[ENV_SWITCH] = "default"
-        cmd = [sys.executable, "-m", "RobustMedSAMLib.bench", "--reference-worker", "--threads", str(threads)]
-        if quick:
-            cmd.append("--quick")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        self._answer()  # ready
-
-    def _answer(self) -> Dict[str, Any]:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the reference worker stopped (exit code {self.proc.wait()})")
-        return json.loads(line)
-
-    def run(self) -> Tuple[float, float]:
-        self.proc.stdin.write("run\n")
-        self.proc.stdin.flush()
-        answer = self._answer()
-        return answer["wall"], answer["cpu"]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
-
-
-def serve_reference(quick: bool) -> None:
-    """The worker side of :class:`ReferenceWorker` (stdin/stdout)."""
-    from .models import get_config
-
-    arch = get_config(_model_name(quick)).architecture
-    enc = _seeded_encoder("reference", arch)
-    x = _input(arch)
-    print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
-        if line.strip() != "run":
-            continue
-        t0, c0 = time.perf_counter(), time.process_time()
-        with torch.inference_mode():
-            enc(x)
-        print(json.dumps({"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}), flush=True)
-
 
 def bench_encoder(loaded, repeats: int, log, gemm_shapes: Sequence = GEMM_SHAPES,
                   quick: bool = False, loaded_bf16=None) -> Dict[str, Any]:
@@ -203,9 +82,9 @@ def bench_encoder(loaded, repeats: int, log, gemm_shapes: Sequence = GEMM_SHAPES
     arch = loaded.config.architecture
     ours = loaded.model.image_encoder
     ours_bf16 = loaded_bf16.model.image_encoder if loaded_bf16 is not None else None
-    ref = ImageEncoderViT(**_encoder_kwargs(arch)).eval()
+    ref = ImageEncoderViT(**encoder_kwargs(arch)).eval()
     ref.load_state_dict(ours.state_dict())
-    x = _input(arch)
+    x = seeded_input(arch)
     captured = {}
     hook = ref.blocks[ours.early_block].register_forward_hook(lambda m, i, o: captured.__setitem__("early", o))
     gemm_samples = [gemm_rate(gemm_shapes, repeats=3)["flops_per_s"]]
@@ -287,9 +166,9 @@ def bench_decoder(loaded, repeats: int) -> Dict[str, Any]:
 
     predictor = Predictor(loaded)
     side = max(loaded.config.architecture.image_size // 2, 64)
-    image = _volume(1, side)[0]
+    image = seeded_volume(1, side)[0]
     predictor.set_image(image)
-    prompt = _box_prompt(side)
+    prompt = box_prompt(side)
     times = median_time(lambda: predictor.predict(prompt), max(5, 3 * repeats), warmup=2)
     last = []
     flops = counted_flops(lambda: last.append(predictor.predict(prompt)))  # one more call, counted
@@ -304,7 +183,7 @@ def bench_propagation(loaded, slices: int, encoder_seconds: float, features_seco
 
     predictor = Predictor(loaded)
     side = max(loaded.config.architecture.image_size // 2, 64)
-    seconds, result = _run_propagation(predictor, slices, side)
+    seconds, result = run_propagation(predictor, slices, side)
     calls = predictor.encoder_calls
     return {"seconds": seconds, "slices": slices, "predicted": len(result.predicted), "encoder_calls": calls,
             "per_slice": seconds / max(1, len(result.predicted)),
@@ -324,7 +203,7 @@ def bench_gpu(loaded, repeats: int, log, slices: int = 4) -> Optional[Dict[str, 
 
     model = loaded.model.to("cuda")
     amp = choose_precision("auto", None, "cuda").precision
-    x = _input(loaded.config.architecture)
+    x = seeded_input(loaded.config.architecture)
     xc = x.cuda()
     sync = torch.cuda.synchronize
     out: Dict[str, Any] = {"device": torch.cuda.get_device_name(), "autocast": amp}
@@ -364,7 +243,7 @@ def run_benchmark(quick: bool = False, slices: int = 4, repeats: int = 3, memory
         raise ValueError("--slices and --repeats must be >= 1")
     if bf16 not in ("auto", "on", "off"):
         raise ValueError(f"--bf16 must be auto, on or off, got {bf16!r}")
-    name = _model_name(quick)
+    name = model_name(quick)
     native = native_bf16()
     with_bf16 = bf16 == "on" or (bf16 == "auto" and bool(native))
     log(f"building seeded model {name}" + (" (float32 and bf16)" if with_bf16 else ""))

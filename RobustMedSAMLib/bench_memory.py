@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict
 
 import torch
 
+from .bench_setup import box_prompt, model_name, run_propagation, seeded_encoder, seeded_input, seeded_volume
 from .measure import PeakMemory
 
 PARTS = ("encoder-reference", "encoder-fast", "decoder", "propagation")
@@ -19,19 +20,18 @@ BF16_PARTS = ("encoder-bf16", "propagation-bf16")
 
 def run_part(part: str, quick: bool, slices: int) -> Dict[str, Any]:
     """Set up ``part``, reset the peak, run it once; returns baseline/peak resident bytes."""
-    from .bench import _box_prompt, _input, _model_name, _run_propagation, _seeded_encoder, _volume
     from .models import seeded_model
     from .predictor import Predictor
 
     mem = PeakMemory()
     imported = mem.current()  # torch and the engine imported, nothing built yet (the CUDA builds map more)
-    name = _model_name(quick)
+    name = model_name(quick)
     if part in ("encoder-reference", "encoder-fast", "encoder-bf16"):
         from .models import get_config
 
         arch = get_config(name).architecture
-        enc = _seeded_encoder("reference" if part == "encoder-reference" else "fast", arch)
-        x = _input(arch)
+        enc = seeded_encoder("reference" if part == "encoder-reference" else "fast", arch)
+        x = seeded_input(arch)
         if part != "encoder-reference":  # as the engine runs it (load_model tunes the allocator); the reference not
             from .allocator import tune_cpu_allocator
 
@@ -49,16 +49,16 @@ def run_part(part: str, quick: bool, slices: int) -> Dict[str, Any]:
         predictor = Predictor(loaded)
         side = max(loaded.config.architecture.image_size // 2, 64)
         if part == "decoder":
-            image = _volume(1, side)[0]
+            image = seeded_volume(1, side)[0]
             predictor.set_image(image)
-            prompt = _box_prompt(side)
+            prompt = box_prompt(side)
 
             def job():
                 for _ in range(5):
                     predictor.predict(prompt)
         else:
             def job():
-                _run_propagation(predictor, slices, side)
+                run_propagation(predictor, slices, side)
     else:
         raise ValueError(f"unknown part {part!r}; one of {PARTS + BF16_PARTS}")
     baseline = mem.current()

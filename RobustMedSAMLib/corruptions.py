@@ -78,19 +78,25 @@ crc32(name)])``, so different corruptions with the same seed draw independent va
 ``axis`` the stream ``default_rng([seed, crc32(name), k])`` (see :func:`slice_rng`).
 
 ``"clear"`` is accepted everywhere as the identity. No torch, Qt or Slicer import here.
+
+This module holds the registry (:data:`CORRUPTIONS`), validation, seeding and :func:`corrupt` /
+:func:`corrupt_volume`; the functions themselves are in ``corruption_functions.py``, with the JPEG round trip in
+``corruption_jpeg.py`` and the colour-space helpers in ``corruption_colour.py``.
 """
 from __future__ import annotations
 
-import functools
-import io
-import math
 import numbers
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import numpy as np
-from scipy import ndimage
+
+from .corruption_functions import (  # the registered functions and their severity tables
+    BLUR_KSIZES, BRIGHTNESS, CONTRAST, GAUSSIAN_SIGMA, JITTER_SCALE, JPEG_BASELINE, JPEG_QUALITY, MOTION_SHIFT,
+    POISSON_PHOTONS, RAYLEIGH_SCALE, RICIAN_SIGMA, SALT_PEPPER_FRACTION, SPECKLE_STD, brightness, color_jitter,
+    contrast, gaussian_blur, gaussian_noise, jpeg_compression, poisson_noise, rayleigh_noise, rician_noise,
+    salt_pepper_noise, speckle_noise, step_motion)
 
 CLEAR = "clear"
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -120,278 +126,6 @@ class Corruption:
         return corrupt(image, self.name, severity=severity, seed=seed)
 
 
-# ============================================================================================ helpers
-def _to_uint8(values: np.ndarray) -> np.ndarray:
-    """Round to nearest and clip to 0..255."""
-    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
-
-
-def _float(image: np.ndarray) -> np.ndarray:
-    return image.astype(np.float64)
-
-
-def _luma(rgb: np.ndarray) -> np.ndarray:
-    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
-
-
-def _per_channel(image: np.ndarray, function: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    if image.ndim == 2:
-        return function(image)
-    return np.stack([function(image[..., c]) for c in range(image.shape[2])], axis=-1)
-
-
-# ============================================================================================ corruptions
-_GAUSSIAN_SIGMA = (4.0, 8.0, 16.0, 24.0, 32.0)
-
-
-def gaussian_noise(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    sigma = _GAUSSIAN_SIGMA[severity - 1]
-    return _to_uint8(_float(image) + rng.normal(0.0, sigma, image.shape))
-
-
-_BLUR_KSIZES = ((3,), (5,), (7, 9, 11, 13), (15, 17, 19), (21, 23, 25))
-# OpenCV's fixed kernels for odd sizes <= 7 when sigma <= 0 (getGaussianKernel)
-_SMALL_GAUSSIAN = {
-    1: (1.0,),
-    3: (0.25, 0.5, 0.25),
-    5: (0.0625, 0.25, 0.375, 0.25, 0.0625),
-    7: (0.03125, 0.109375, 0.21875, 0.28125, 0.21875, 0.109375, 0.03125),
-}
-
-
-def opencv_sigma(ksize: int) -> float:
-    """The sigma OpenCV derives from an odd kernel size when it is given sigma 0."""
-    return 0.3 * ((ksize - 1) * 0.5 - 1) + 0.8
-
-
-def gaussian_kernel(ksize: int) -> np.ndarray:
-    """The normalised 1-D kernel of OpenCV's ``GaussianBlur`` with kernel size ``ksize`` and sigma 0."""
-    if ksize < 1 or ksize % 2 == 0:
-        raise ValueError(f"the kernel size must be a positive odd integer, got {ksize}")
-    if ksize in _SMALL_GAUSSIAN:
-        kernel = np.array(_SMALL_GAUSSIAN[ksize], dtype=np.float64)
-    else:
-        sigma = opencv_sigma(ksize)
-        x = np.arange(ksize, dtype=np.float64) - (ksize - 1) / 2.0
-        kernel = np.exp(-(x * x) / (2.0 * sigma * sigma))
-    return kernel / kernel.sum()
-
-
-def gaussian_blur(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    choices = _BLUR_KSIZES[severity - 1]
-    ksize = int(choices[int(rng.integers(len(choices)))])
-    kernel = gaussian_kernel(ksize)
-    out = _float(image)
-    for axis in (0, 1):  # scipy's "mirror" is d c b | a b c d | c b a, i.e. OpenCV's BORDER_REFLECT_101
-        out = ndimage.correlate1d(out, kernel, axis=axis, mode="mirror")
-    return _to_uint8(out)
-
-
-_CONTRAST = ((1.15, 1.25), (1.35, 1.45), (1.6, 1.7), (1.9, 2.0), (2.2, 2.4))
-
-
-def contrast(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    factor = rng.uniform(*_CONTRAST[severity - 1])
-    return _to_uint8((_float(image) - 128.0) * factor + 128.0)
-
-
-_BRIGHTNESS = ((0.9, 0.95), (0.8, 0.9), (0.6, 0.8), (0.45, 0.6), (0.3, 0.45))
-
-
-def brightness(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    factor = rng.uniform(*_BRIGHTNESS[severity - 1])
-    return _to_uint8(_float(image) * factor)
-
-
-_JPEG_QUALITY = ((30, 40), (15, 25), (5, 10), (2, 3), (1, 1))
-_JPEG_BASELINE = (True, True, True, False, False)
-
-
-def jpeg_roundtrip(image: np.ndarray, quality: int, baseline: bool = True) -> np.ndarray:
-    """``image`` (uint8 grey or RGB) encoded as JPEG by Pillow at ``quality`` and decoded again.
-
-    ``baseline=False`` scales the standard tables like libjpeg without clipping them at 255 (what
-    ``cjpeg -quality`` does without ``-baseline``), written as a progressive JPEG.
-    """
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    pil = Image.fromarray(np.ascontiguousarray(image))
-    if baseline:
-        pil.save(buffer, format="JPEG", quality=int(quality))
-    else:  # progressive: libjpeg would print a warning for 16-bit tables in a sequential file
-        pil.save(buffer, format="JPEG", qtables=jpeg_tables(pil.mode, quality, baseline=False), progressive=True)
-    buffer.seek(0)
-    with Image.open(buffer) as decoded:
-        return np.asarray(decoded.convert("L" if image.ndim == 2 else "RGB"), dtype=np.uint8).copy()
-
-
-@functools.lru_cache(maxsize=None)
-def _standard_tables(mode: str) -> Tuple[Tuple[int, ...], ...]:
-    """The encoder's unscaled quantisation tables (those of quality 50), natural order, luma first."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new(mode, (8, 8)).save(buffer, format="JPEG", quality=50)
-    buffer.seek(0)
-    with Image.open(buffer) as probe:
-        tables = probe.quantization
-    return tuple(tuple(int(v) for v in tables[k]) for k in sorted(tables))
-
-
-def jpeg_tables(mode: str, quality: int, baseline: bool = True) -> List[List[int]]:
-    """libjpeg's quantisation tables for ``quality`` (``jpeg_quality_scaling``); values are clipped to
-    1..255 for baseline JPEG, to 1..32767 otherwise."""
-    quality = min(max(int(quality), 1), 100)
-    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
-    top = 255 if baseline else 32767
-    return [[min(max((v * scale + 50) // 100, 1), top) for v in table] for table in _standard_tables(mode)]
-
-
-def jpeg_compression(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    low, high = _JPEG_QUALITY[severity - 1]
-    return jpeg_roundtrip(image, int(rng.integers(low, high + 1)), baseline=_JPEG_BASELINE[severity - 1])
-
-
-_JITTER_SCALE = (0.25, 0.5, 1.0, 1.2, 1.4)
-_JITTER_PAPER = {"brightness": 0.7, "contrast": 0.3, "saturation": 0.7, "hue": 0.7}
-
-
-def _rgb_to_hsv(rgb: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Float RGB in 0..1 -> hue (fraction of a turn, 0..1), saturation, value."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    vmax = rgb.max(axis=-1)
-    delta = vmax - rgb.min(axis=-1)
-    safe = np.where(delta > 0, delta, 1.0)
-    hue = np.where(vmax == r, np.mod((g - b) / safe, 6.0),
-                   np.where(vmax == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
-    hue = np.where(delta > 0, hue / 6.0, 0.0)
-    sat = np.where(vmax > 0, delta / np.where(vmax > 0, vmax, 1.0), 0.0)
-    return hue, sat, vmax
-
-
-def _hsv_to_rgb(hue: np.ndarray, sat: np.ndarray, val: np.ndarray) -> np.ndarray:
-    h6 = np.mod(hue, 1.0) * 6.0
-    sector = np.floor(h6)
-    frac = h6 - sector
-    sector = sector.astype(np.int64) % 6
-    p = val * (1.0 - sat)
-    q = val * (1.0 - sat * frac)
-    t = val * (1.0 - sat * (1.0 - frac))
-    r = np.choose(sector, [val, q, p, p, t, val])
-    g = np.choose(sector, [t, val, val, q, p, p])
-    b = np.choose(sector, [p, p, t, val, val, q])
-    return np.stack([r, g, b], axis=-1)
-
-
-def rotate_hue(rgb: np.ndarray, turns: float) -> np.ndarray:
-    """Float RGB (0..255) with its HSV hue rotated by ``turns`` of a full turn (modulo one turn)."""
-    hue, sat, val = _rgb_to_hsv(rgb / 255.0)
-    return _hsv_to_rgb(hue + turns, sat, val) * 255.0
-
-
-def color_jitter(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    m = _JITTER_SCALE[severity - 1]
-    b_range = _JITTER_PAPER["brightness"] * m
-    c_range = _JITTER_PAPER["contrast"] * m
-    s_range = _JITTER_PAPER["saturation"] * m
-    h_range = min(_JITTER_PAPER["hue"], _JITTER_PAPER["hue"] * m)
-    factors = {
-        "brightness": rng.uniform(1.0 - b_range, 1.0 + b_range),
-        "contrast": rng.uniform(1.0 - c_range, 1.0 + c_range),
-        "saturation": rng.uniform(1.0 - s_range, 1.0 + s_range),
-        "hue": rng.uniform(-h_range, h_range),
-    }
-    order = [("brightness", "contrast", "saturation", "hue")[i] for i in rng.permutation(4)]
-    rgb = image.ndim == 3
-    out = _float(image)
-    for op in order:
-        f = factors[op]
-        if op == "brightness":
-            out = out * f
-        elif op == "contrast":
-            mean = float(_luma(out).mean()) if rgb else float(out.mean())
-            out = out * f + mean * (1.0 - f)
-        elif not rgb:
-            continue  # saturation and hue leave grey images unchanged
-        elif op == "saturation":
-            out = out * f + _luma(out)[..., None] * (1.0 - f)
-        else:
-            out = rotate_hue(out, f)
-        out = np.clip(out, 0.0, 255.0)
-    return _to_uint8(out)
-
-
-_POISSON_PHOTONS = (200.0, 80.0, 25.0, 10.0, 5.0)
-
-
-def poisson_noise(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    photons = _POISSON_PHOTONS[severity - 1]
-    counts = rng.poisson(_float(image) / 255.0 * photons)
-    return _to_uint8(counts / photons * 255.0)
-
-
-_SPECKLE_STD = (0.15, 0.3, 0.5, 0.7, 1.0)
-
-
-def speckle_noise(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    x = _float(image)
-    return _to_uint8(x + x * rng.normal(0.0, _SPECKLE_STD[severity - 1], image.shape))
-
-
-_SALT_PEPPER_FRACTION = (0.02, 0.05, 0.10, 0.20, 0.30)
-
-
-def salt_pepper_noise(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    h, w = image.shape[:2]
-    count = int(round(_SALT_PEPPER_FRACTION[severity - 1] * h * w))
-    chosen = rng.choice(h * w, size=count, replace=False)
-    out = image.copy()
-    flat = out.reshape(h * w, -1)  # a view: one row per pixel, all channels together
-    n_salt = count // 2
-    flat[chosen[:n_salt]] = 255
-    flat[chosen[n_salt:]] = 0
-    return out
-
-
-_RICIAN_SIGMA = (8.0, 15.0, 25.0, 35.0, 50.0)
-
-
-def rician_noise(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    sigma = _RICIAN_SIGMA[severity - 1]
-    real = _float(image) + rng.normal(0.0, sigma, image.shape)
-    imag = rng.normal(0.0, sigma, image.shape)
-    return _to_uint8(np.hypot(real, imag))
-
-
-_RAYLEIGH_SCALE = (10.0, 20.0, 40.0, 55.0, 70.0)
-
-
-def rayleigh_noise(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    scale = _RAYLEIGH_SCALE[severity - 1]
-    noise = rng.rayleigh(scale, image.shape) - scale * math.sqrt(math.pi / 2.0)
-    return _to_uint8(_float(image) + noise)
-
-
-_MOTION_SHIFT = (2, 3, 5, 8, 12)
-
-
-def step_motion_channel(channel: np.ndarray, shift: float) -> np.ndarray:
-    """One 2-D channel (float) ghosted by moving the lower half of centred k-space by ``shift`` rows."""
-    rows = channel.shape[0]
-    kspace = np.fft.fftshift(np.fft.fft2(channel))
-    half = rows // 2                                   # index of the zero row frequency after fftshift
-    freq = np.arange(rows - half, dtype=np.float64)    # frequencies of rows half..rows-1: 0, 1, ...
-    ramp = np.exp(-2j * np.pi * freq * shift / rows)
-    kspace[half:, :] *= ramp[:, None]
-    return np.abs(np.fft.ifft2(np.fft.ifftshift(kspace)))
-
-
-def step_motion(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    shift = _MOTION_SHIFT[severity - 1]
-    return _to_uint8(_per_channel(_float(image), lambda c: step_motion_channel(c, shift)))
-
-
 # ============================================================================================ registry
 def _entry(name: str, function: CorruptionFunction, group: str, description: str,
            modalities: Sequence[str], severity_parameters: Sequence[str]) -> Corruption:
@@ -403,43 +137,43 @@ _RGB_MODALITIES = ("endoscopy", "dermoscopy", "fundus", "histopathology")
 CORRUPTIONS: Dict[str, Corruption] = {c.name: c for c in (
     _entry("gaussian_noise", gaussian_noise, MODALITY_AGNOSTIC,
            "additive Gaussian noise (electronic/thermal noise of any detector)", ("all",),
-           [f"sigma {s:g}" for s in _GAUSSIAN_SIGMA]),
+           [f"sigma {s:g}" for s in GAUSSIAN_SIGMA]),
     _entry("gaussian_blur", gaussian_blur, MODALITY_AGNOSTIC,
            "Gaussian blur (defocus, low resolution, patient motion during a long exposure)", ("all",),
-           ["kernel " + "/".join(str(k) for k in ks) for ks in _BLUR_KSIZES]),
+           ["kernel " + "/".join(str(k) for k in ks) for ks in BLUR_KSIZES]),
     _entry("contrast", contrast, MODALITY_AGNOSTIC,
            "contrast increased around mid-grey (over-stretched window/level)", ("all",),
-           [f"factor U({lo:g}, {hi:g})" for lo, hi in _CONTRAST]),
+           [f"factor U({lo:g}, {hi:g})" for lo, hi in CONTRAST]),
     _entry("brightness", brightness, MODALITY_AGNOSTIC,
            "image darkened by a factor (under-exposure, low gain)", ("all",),
-           [f"factor U({lo:g}, {hi:g})" for lo, hi in _BRIGHTNESS]),
+           [f"factor U({lo:g}, {hi:g})" for lo, hi in BRIGHTNESS]),
     _entry("jpeg_compression", jpeg_compression, MODALITY_SPECIFIC,
            "JPEG compression artefacts (lossy storage or transmission)", _RGB_MODALITIES,
            [(f"quality {lo}..{hi}" if hi > lo else f"quality {lo}") + ("" if base else ", tables not clipped at 255")
-            for (lo, hi), base in zip(_JPEG_QUALITY, _JPEG_BASELINE)]),
+            for (lo, hi), base in zip(JPEG_QUALITY, JPEG_BASELINE)]),
     _entry("color_jitter", color_jitter, MODALITY_SPECIFIC,
            "random brightness, contrast, saturation and hue (white balance, illumination, staining)",
            _RGB_MODALITIES,
            [f"brightness {0.7 * m:.3g}, contrast {0.3 * m:.3g}, saturation {0.7 * m:.3g}, "
-            f"hue {min(0.7, 0.7 * m):.3g} turn" for m in _JITTER_SCALE]),
+            f"hue {min(0.7, 0.7 * m):.3g} turn" for m in JITTER_SCALE]),
     _entry("poisson_noise", poisson_noise, MODALITY_SPECIFIC,
            "Poisson (photon-count, quantum) noise of low-dose imaging", ("CT", "X-ray", "microscopy"),
-           [f"{p:g} photons at full scale" for p in _POISSON_PHOTONS]),
+           [f"{p:g} photons at full scale" for p in POISSON_PHOTONS]),
     _entry("speckle_noise", speckle_noise, MODALITY_SPECIFIC,
            "multiplicative speckle noise (coherent imaging)", ("ultrasound",),
-           [f"std {s:g}" for s in _SPECKLE_STD]),
+           [f"std {s:g}" for s in SPECKLE_STD]),
     _entry("salt_pepper_noise", salt_pepper_noise, MODALITY_SPECIFIC,
            "impulse noise: pixels set to 0 or 255 (dead/saturated elements, transmission errors)",
-           ("ultrasound",), [f"{f:.0%} of pixels" for f in _SALT_PEPPER_FRACTION]),
+           ("ultrasound",), [f"{f:.0%} of pixels" for f in SALT_PEPPER_FRACTION]),
     _entry("rician_noise", rician_noise, MODALITY_SPECIFIC,
            "Rician noise of magnitude MR images (biased upwards, most visible in dark regions)", ("MRI",),
-           [f"sigma {s:g}" for s in _RICIAN_SIGMA]),
+           [f"sigma {s:g}" for s in RICIAN_SIGMA]),
     _entry("rayleigh_noise", rayleigh_noise, MODALITY_SPECIFIC,
            "zero-mean Rayleigh-distributed noise (skewed, heavy bright tail)", ("MRI",),
-           [f"scale {s:g}" for s in _RAYLEIGH_SCALE]),
+           [f"scale {s:g}" for s in RAYLEIGH_SCALE]),
     _entry("step_motion", step_motion, MODALITY_SPECIFIC,
            "MRI motion ghosting: half of k-space acquired after the object moved", ("MRI",),
-           [f"{d} px shift" for d in _MOTION_SHIFT]),
+           [f"{d} px shift" for d in MOTION_SHIFT]),
 )}
 
 

@@ -126,7 +126,7 @@ def test_batches_equal_one_at_a_time_on_cuda():
 
 
 def test_propagation_lookahead_batches_on_cuda():
-    from RobustMedSAMLib.bench import _run_propagation
+    from RobustMedSAMLib.bench_setup import run_propagation as _run_propagation
 
     side, slices = 128, 8
     results, batches = {}, {}

@@ -163,7 +163,7 @@ def test_odd_inputs_channels_last_and_non_contiguous():
 def _poison_fast(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("fast path used")
-    monkeypatch.setattr(ie, "_fast_block", boom)
+    monkeypatch.setattr(ie, "fast_block", boom)
 
 
 def test_default_is_fast_on_cpu_and_switches_go_to_reference(monkeypatch):

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import pytest
 
-from RobustMedSAMLib import weights
+from RobustMedSAMLib import weights, weights_digest, weights_download
 from RobustMedSAMLib.weights import (ChecksumError, DownloadCancelled, DownloadError, UnknownWeightsError,
                                      WeightsNotAvailableError)
 
@@ -130,7 +130,7 @@ def closed_port_url():
 
 @pytest.fixture(autouse=True)
 def _fast_retries(monkeypatch):
-    monkeypatch.setattr(weights, "RETRY_BACKOFF", 0.0)
+    monkeypatch.setattr(weights_download, "RETRY_BACKOFF", 0.0)
 
 
 def _tree_artifacts():
@@ -327,7 +327,7 @@ def test_invalid_part_is_restarted_after_416(server, tmp_path):
 
 
 def test_download_without_expected_digest_still_succeeds(server, tmp_path):
-    path, digest = weights._download(server.url, tmp_path / "out.bin")
+    path, digest = weights_download.download_with_digest(server.url, tmp_path / "out.bin")
     assert digest == PAYLOAD_SHA and path.read_bytes() == PAYLOAD
 
 
@@ -357,7 +357,7 @@ def test_ensure_weights_downloads_into_cache_then_reuses_it(server, cache, local
     def no_hashing(*args, **kwargs):
         raise AssertionError("the verified digest should come from the sidecar")
 
-    monkeypatch.setattr(weights, "sha256_file", no_hashing)
+    monkeypatch.setattr(weights_digest, "sha256_file", no_hashing)
     assert weights.ensure_weights("robustmedsam", allow_download=False) == path
     assert len(server.requests) == 1
 

@@ -1,6 +1,6 @@
 """The encoder's bf16 fast path: transformer blocks computing in bfloat16 (``precision="bf16"``, CPU).
 
-:func:`block` replaces ``image_encoder._fast_block`` when the fast path's scratch buffers are bfloat16 (see
+:func:`block` replaces ``encoder_fast.fast_block`` when the fast path's scratch buffers are bfloat16 (see
 its docstring for what stays float32). Two things make it both fast and close to float32:
 
 * **Split weights.** Each linear layer multiplies ``[x | x]`` by ``[W_hi | W_lo]`` (``W_hi = bf16(W)``,
@@ -101,19 +101,19 @@ def block(blk, x: torch.Tensor, scratch, opts) -> torch.Tensor:
     * Attention: extended queries/keys (:func:`attend`, softmax statistics in float32 in the fused kernel);
       GELU in bf16 (computed in float32 per element).
     """
-    from . import image_encoder as ie  # the shared fast-path helpers (that module imports this one)
+    from . import encoder_fast as fast  # the shared fast-path helpers (that module imports this one)
 
     B, H, W, C = x.shape
     M = B * H * W
     n1, n2 = blk.norm1, blk.norm2
     xn = _duplicated(scratch, "norm", F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps))
     if blk.window_size > 0:
-        a = ie._window_attention(blk.attn, xn, blk.window_size, scratch, opts)
+        a = fast.window_attention(blk.attn, xn, blk.window_size, scratch, opts)
     else:
-        qkv = ie._linear_into(xn.view(M, 2 * C), blk.attn.qkv, scratch.get("qkv", M, 3 * C))
+        qkv = fast.linear_into(xn.view(M, 2 * C), blk.attn.qkv, scratch.get("qkv", M, 3 * C))
         del xn
-        a = ie._global_attention(blk.attn, qkv, (B, H, W), scratch, opts)
-    proj = ie._linear_into(_duplicated(scratch, "proj_in", a), blk.attn.proj, scratch.get("proj", M, C))
+        a = fast.global_attention(blk.attn, qkv, (B, H, W), scratch, opts)
+    proj = fast.linear_into(_duplicated(scratch, "proj_in", a), blk.attn.proj, scratch.get("proj", M, C))
     y = torch.empty(M, C, dtype=x.dtype, device=x.device).copy_(proj)  # the block's output (float32)
     y.add_(x.view(M, C))  # shortcut + attn
     mlp = blk.mlp
@@ -124,11 +124,11 @@ def block(blk, x: torch.Tensor, scratch, opts) -> torch.Tensor:
         n = min(step, M - i)
         yc = y[i:i + n]
         hn = _duplicated(scratch, "mlp_in", F.layer_norm(yc, n2.normalized_shape, n2.weight, n2.bias, n2.eps))
-        hidden = ie._linear_into(hn, mlp.lin1, scratch.get("mlp_hidden", n, mlp.lin1.out_features))
+        hidden = fast.linear_into(hn, mlp.lin1, scratch.get("mlp_hidden", n, mlp.lin1.out_features))
         if gelu:
             torch._C._nn.gelu_(hidden, approximate=mlp.act.approximate)
         else:
             hidden = mlp.act(hidden)
-        out = ie._linear_into(_duplicated(scratch, "mlp_dup", hidden), mlp.lin2, scratch.get("mlp_out", n, C))
+        out = fast.linear_into(_duplicated(scratch, "mlp_dup", hidden), mlp.lin2, scratch.get("mlp_out", n, C))
         _add_(yc, out, tmp[:n])
     return y.view(B, H, W, C)
