@@ -309,3 +309,31 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------ review fixes
+def _journal_frames_arrived(client, timeout=30.0):
+    """Block until the worker has written something (without reading it)."""
+    import select
+
+    ready, _, _ = select.select([client.process.stdout.fileno()], [], [], timeout)
+    assert ready, "the worker did not answer"
+
+
+@pytest.mark.skipif(os.name == "nt", reason="select() on pipes is POSIX")
+def test_worker_that_died_unnoticed_fails_its_requests_when_the_next_one_starts_a_new_one(tmp_path):
+    """The worker dies between two polls and the GUI submits before polling again (a scroll prefetch):
+    the requests of the dead worker must end (WorkerDied), and a reply it had already written must still be
+    delivered -- not be forgotten with the old pipes while the GUI waits for them for ever."""
+    client = WorkerClient(log_dir=tmp_path)
+    answered = client.submit("journal")      # answered by the worker's reader at once
+    _journal_frames_arrived(client)
+    lost = client.submit("hello")             # imports torch: still running when the worker is killed
+    os.kill(client.pid, signal.SIGKILL)
+    client.process.wait()
+    again = client.submit("journal")         # starts a fresh worker
+    assert client.generation == 2
+    assert answered.ok and answered.result == []
+    assert lost.status == "error" and isinstance(lost.error, WorkerDied) and "killed" in str(lost.error)
+    assert client.wait(again, 30).ok
+    client.close()

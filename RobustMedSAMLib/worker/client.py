@@ -243,6 +243,8 @@ class WorkerClient(_BaseClient):
         """Start the worker unless it runs (cheap: the worker imports torch in its own time)."""
         if self.alive:
             return
+        while self.process is not None:  # a worker that ended unnoticed: deliver what it wrote, fail the rest
+            self.poll(budget=1.0)
         self._reset_process()
         env = dict(os.environ)
         env.update(self.extra_env)
