@@ -101,8 +101,8 @@ def test_protocol_carries_every_type_and_refuses_the_rest():
     with pytest.raises(ProtocolError, match="corrupt"):
         FrameReader().feed(b"XXXX" + data[4:])
     forged = data.replace(b'"PropagationResult"', b'"os.system"  \x20\x20\x20\x20\x20\x20')
-    with pytest.raises(ProtocolError):
-        FrameReader().feed(forged)
+    (refused,) = FrameReader().feed(forged)  # no such type is built: the message is refused, the stream goes on
+    assert refused.id == 7 and "unknown type 'os.system'" in refused.error
 
 
 # ------------------------------------------------------------------------------------ round trips
@@ -336,4 +336,70 @@ def test_worker_that_died_unnoticed_fails_its_requests_when_the_next_one_starts_
     assert answered.ok and answered.result == []
     assert lost.status == "error" and isinstance(lost.error, WorkerDied) and "killed" in str(lost.error)
     assert client.wait(again, 30).ok
+    client.close()
+
+
+def _raw_frame(message, buffers=(), payload=b""):
+    """A frame built by hand (to forge what encode_frame would never write)."""
+    import json
+    import struct
+
+    header = json.dumps({"message": message, "buffers": list(buffers)}).encode()
+    return struct.pack("<4sQQ", b"RMW1", len(header), len(payload)) + header + payload
+
+
+def test_protocol_malformed_frames_are_errors_naming_the_problem_never_silent_or_a_crash():
+    from RobustMedSAMLib.worker.protocol import MAX_PAYLOAD_BYTES, UndecodableMessage
+
+    ok = {"id": 1, "kind": "x", "fields": {"a": {"$nd": 0}}}
+    cases = {  # what a forged or damaged frame says -> the error it must give
+        "truncated bool array": ([["|b1", [4, 4], 0, 1, True]], b"\xff" * 16),      # 16 bits in 1 byte
+        "negative dimension": ([["<f4", [-1, -4], 0, 16, False]], b"\0" * 16),
+        "negative offset": ([["<u1", [4], -4, 4, False]], b"\0" * 16),
+        "size not of the shape": ([["<f4", [2], 0, 12, False]], b"\0" * 16),
+        "object dtype": ([["|O", [1], 0, 8, False]], b"\0" * 16),
+        "missing buffer": ([], b""),
+    }
+    for name, (buffers, payload) in cases.items():
+        got = FrameReader().feed(_raw_frame(ok, buffers, payload))
+        assert len(got) == 1 and isinstance(got[0], UndecodableMessage), (name, got)
+        assert got[0].id == 1 and got[0].error, name
+    # a value a dataclass refuses, an unknown field: the message's id is kept for the error reply
+    bad_prompt = {"id": 2, "kind": "predict", "fields": {"prompt": {"$dc": "Prompt", "f": {"box": [1, 2, 3]}}}}
+    unknown_field = {"id": 3, "kind": "x", "fields": {"p": {"$dc": "Prompt", "f": {"colour": 1}}}}
+    reader = FrameReader()
+    got = reader.feed(_raw_frame(bad_prompt) + _raw_frame(unknown_field) + frame_bytes({"id": 4}))
+    assert [type(m).__name__ for m in got] == ["UndecodableMessage", "UndecodableMessage", "dict"]
+    assert got[0].id == 2 and "4 numbers" in got[0].error and got[1].id == 3 and got[2] == {"id": 4}
+    # the stream itself broken: no marker, or a length no message has; later feeds keep refusing
+    with pytest.raises(ProtocolError, match="frame marker") as e:
+        FrameReader().feed(frame_bytes({"id": 5}) + b"Warning: something printed\n" + b"x" * 40)
+    assert e.value.messages == [{"id": 5}]  # what came before the break is not lost
+    broken = FrameReader()
+    with pytest.raises(ProtocolError, match="corrupt"):
+        broken.feed(struct_prefix(MAX_PAYLOAD_BYTES + 1))
+    with pytest.raises(ProtocolError):
+        broken.feed(frame_bytes({"id": 6}))
+
+
+def struct_prefix(payload_length):
+    import struct
+
+    return struct.pack("<4sQQ", b"RMW1", 10, payload_length)
+
+
+def test_worker_answers_an_unreadable_request_with_an_error_and_keeps_serving(tmp_path):
+    """A request whose value cannot be rebuilt (here a prompt box of 3 numbers) must give an error reply for
+    that request -- not kill the worker's reader thread and leave every later request unanswered."""
+    from RobustMedSAMLib.worker.client import Request
+
+    client = WorkerClient(log_dir=tmp_path)
+    client.start()
+    forged = Request(client, 99, "predict", {})
+    client._pending[99] = forged
+    client._outbox.append(memoryview(_raw_frame(
+        {"id": 99, "kind": "predict", "fields": {"prompt": {"$dc": "Prompt", "f": {"box": [1, 2, 3]}}}})))
+    client.wait(forged, 30)
+    assert forged.status == "error" and "could not be read" in str(forged.error) and "4 numbers" in str(forged.error)
+    assert client.call("journal", timeout=30) == []  # still serving
     client.close()

@@ -29,7 +29,7 @@ import traceback
 from collections import deque
 from typing import Any, Deque, Dict, Optional
 
-from .protocol import FrameReader, ProtocolError, encode_frame
+from .protocol import FrameReader, ProtocolError, UndecodableMessage, encode_frame
 from .service import EngineService, JobContext
 
 PROGRESS_INTERVAL = 0.05
@@ -93,15 +93,25 @@ class WorkerServer:
                     break
                 for message in reader.feed(data):
                     self._accept(message)
-        except (OSError, ProtocolError) as e:
-            print(f"RobustMedSAM worker: input stream failed: {e}", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - whatever breaks the input, the worker must not hang
+            print(f"RobustMedSAM worker: input stream failed ({type(e).__name__}: {e}); exiting", file=sys.stderr)
         with self._cond:  # the client is gone: stop after the running job notices
             self._closing = True
             if self._running is not None:
                 self._running.cancelled.set()
             self._cond.notify_all()
 
-    def _accept(self, message: Dict[str, Any]) -> None:
+    def _accept(self, message: Any) -> None:
+        if isinstance(message, UndecodableMessage) or not isinstance(message, dict):
+            error = message.error if isinstance(message, UndecodableMessage) else f"a request must be a map, got {message!r:.80}"
+            rid = message.id if isinstance(message, UndecodableMessage) else None
+            if rid is None:  # not even its id could be read: the stream is not to be trusted
+                raise ProtocolError(f"unreadable request: {error}")
+            with self._cond:
+                self.reply(_Job({"id": rid, "kind": "?"}), "error",
+                           error={"type": "ProtocolError", "message": f"the request could not be read: {error}",
+                                  "traceback": ""})
+            return
         kind = message.get("kind")
         with self._cond:
             if kind == "cancel":
