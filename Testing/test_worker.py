@@ -403,3 +403,19 @@ def test_worker_answers_an_unreadable_request_with_an_error_and_keeps_serving(tm
     assert forged.status == "error" and "could not be read" in str(forged.error) and "4 numbers" in str(forged.error)
     assert client.call("journal", timeout=30) == []  # still serving
     client.close()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a shell script as the worker's Python")
+def test_worker_output_corrupted_by_a_banner_gives_one_clear_message_not_an_exception_in_the_gui(tmp_path):
+    """A launcher or library that prints to the worker's standard output before the protocol starts: the
+    GUI's poll must not raise (it runs in a Qt timer), and every pending request fails with WorkerDied
+    saying why."""
+    python = tmp_path / "python-with-banner"
+    python.write_text(f"#!/bin/sh\necho 'Warning: this launcher says hello'\nexec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    client = WorkerClient(str(python), log_dir=tmp_path)
+    request = client.submit("journal")
+    client.wait(request, 30)
+    assert isinstance(request.error, WorkerDied), request.error
+    assert "output could not be read" in str(request.error) and "frame marker" in str(request.error)
+    assert not client.alive and client.pending == 0

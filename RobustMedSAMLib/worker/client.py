@@ -23,7 +23,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 
-from .protocol import FrameReader, encode_frame
+from .protocol import FrameReader, ProtocolError, UndecodableMessage, encode_frame
 
 PENDING, OK, ERROR, CANCELLED, DROPPED = "pending", "ok", "error", "cancelled", "dropped"
 ENGINE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding the RobustMedSAMLib package
@@ -143,7 +143,15 @@ class _BaseClient:
     def wait(self, request: Request, timeout: Optional[float] = None) -> Request:
         raise NotImplementedError
 
-    def _dispatch(self, message: Dict[str, Any]) -> None:
+    def _dispatch(self, message: Any) -> None:
+        if isinstance(message, UndecodableMessage):
+            request = self._pending.pop(message.id, None)
+            if request is not None:
+                request._finish(ERROR, error=EngineError(f"the engine's answer to {request.kind!r} could not be read: "
+                                                         f"{message.error}", "ProtocolError"))
+            return
+        if not isinstance(message, dict):
+            return
         request = self._pending.get(message.get("id"))
         if request is None:
             return
@@ -325,7 +333,17 @@ class WorkerClient(_BaseClient):
             if data == b"":
                 eof = True
                 break
-            for message in self._reader.feed(data):
+            try:
+                messages = self._reader.feed(data)
+            except ProtocolError as e:  # something else wrote into the worker's output: it cannot go on
+                for message in e.messages:
+                    self._dispatch(message)
+                self._stream_broken(str(e))
+                return self.pending
+            for message in messages:
+                if isinstance(message, UndecodableMessage) and message.id is None:
+                    self._stream_broken(message.error)
+                    return self.pending
                 self._dispatch(message)
             if time.monotonic() - start >= budget:
                 return self.pending
@@ -333,7 +351,14 @@ class WorkerClient(_BaseClient):
             self._worker_ended()
         return self.pending
 
-    def _worker_ended(self) -> None:
+    def _stream_broken(self, why: str) -> None:
+        """The worker's output cannot be read any further: stop it and fail what is pending."""
+        logging.getLogger(__name__).error("RobustMedSAM: the engine process's output is unreadable: %s", why)
+        if self.alive:
+            self.process.kill()
+        self._worker_ended(f"its output could not be read: {why}")
+
+    def _worker_ended(self, reason: Optional[str] = None) -> None:
         code = self.process.wait()
         self.exit_code = code
         pending = list(self._pending.values())
@@ -342,7 +367,7 @@ class WorkerClient(_BaseClient):
         if not pending:
             return
         why = {-9: "it was killed (SIGKILL; out of memory?)", -15: "it was terminated", -11: "it crashed (SIGSEGV)"}
-        reason = why.get(code, f"exit code {code}")
+        reason = reason or why.get(code, f"exit code {code}")
         tail = self.log_tail()
         message = (f"the RobustMedSAM engine process stopped ({reason}); nothing was changed, and the next action "
                    f"starts it again." + (f"\nLast lines of its log ({self.log_path}):\n{tail}" if tail else ""))
