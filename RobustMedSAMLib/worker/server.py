@@ -5,7 +5,8 @@ Threads (in the worker; its GIL is its own): a reader thread parses frames as th
 ``cancel`` at once and queues the rest; one job thread runs the queued requests through an
 :class:`~.service.EngineService`, one at a time (the model is not shared between threads). Scheduling:
 
-* ``predict`` runs before everything queued behind it (a click is never stuck behind prefetches);
+* ``predict`` runs before the prefetches queued ahead of it (they move behind it) but after every other
+  request sent before it (the ``load`` or ``set_volume`` it needs): a click is never stuck behind prefetches;
 * ``prefetch`` is latest-wins: a new one drops every prefetch not yet started (reply status "dropped"), so
   scrolling through 50 slices queues at most one encode;
 * every other request runs in arrival order; ``cancel`` ends the target if it is running (its handler sees
@@ -131,9 +132,12 @@ class WorkerServer:
                 for old in [j for j in self._queue if j.kind == "prefetch"]:
                     self._queue.remove(old)
                     self.reply(old, "dropped")
-            if kind == "predict":
-                at = next((n for n, j in enumerate(self._queue) if j.kind == "prefetch"), len(self._queue))
-                self._queue.insert(at, job)
+            if kind == "predict":  # ahead of prefetches, never ahead of what it needs (load, set_volume...)
+                waiting = [j for j in self._queue if j.kind == "prefetch"]
+                for old in waiting:
+                    self._queue.remove(old)
+                self._queue.append(job)
+                self._queue.extend(waiting)
             else:
                 self._queue.append(job)
             self._cond.notify_all()

@@ -1,0 +1,109 @@
+"""The worker's request loop (``RobustMedSAMLib.worker.server.WorkerServer``) on real pipes with a scripted
+service: request order, queue jumping, output that the client does not read. No model: each handler only
+records when it ran, and ``block`` waits until the test releases it."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from RobustMedSAMLib.worker.protocol import FrameReader, frame_bytes
+from RobustMedSAMLib.worker.server import WorkerServer
+
+
+class ScriptedService:
+    """Records ``(kind, fields)`` as each request runs; ``block`` waits for :attr:`release`; ``big`` returns
+    ``nbytes`` of data; ``predict`` and ``prefetch`` need their volume sent first (as the engine's do)."""
+
+    def __init__(self) -> None:
+        self.ran = []
+        self.volumes = set()
+        self.release = threading.Event()
+        self.blocking = threading.Event()
+
+    def handle(self, kind, fields, ctx):
+        self.ran.append((kind, dict(fields)))
+        if kind == "block":
+            self.blocking.set()
+            while not self.release.wait(0.01):
+                if ctx.cancelled():
+                    raise RuntimeError("TaskCancelled")
+            return None
+        if kind == "big":
+            return "x" * int(fields["nbytes"])
+        if kind == "set_volume":
+            self.volumes.add(fields["key"])
+            return None
+        if kind in ("predict", "prefetch"):
+            if fields["volume"] not in self.volumes:
+                raise ValueError(f"volume {fields['volume']!r} was not sent (set_volume first)")
+            return kind
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class Harness:
+    """A WorkerServer serving ``ScriptedService`` in a thread over two OS pipes."""
+
+    def __init__(self) -> None:
+        self.service = ScriptedService()
+        in_r, self.in_w = os.pipe()
+        self.out_r, out_w = os.pipe()
+        self.server = WorkerServer(self.service, in_r, out_w)
+        self.thread = threading.Thread(target=self.server.serve, daemon=True)
+        self.thread.start()
+        self.reader = FrameReader()
+        self.replies = {}
+        self._fds = [in_r, out_w]
+
+    def send(self, rid, kind, **fields):
+        os.write(self.in_w, frame_bytes({"id": rid, "kind": kind, "fields": fields}))
+
+    def collect(self, *ids, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while not all(i in self.replies for i in ids):
+            assert time.monotonic() < deadline, f"no reply for {[i for i in ids if i not in self.replies]}"
+            for message in self.reader.feed(os.read(self.out_r, 1 << 16)):
+                if message.get("type") == "reply":
+                    self.replies[message["id"]] = message
+        return [self.replies[i] for i in ids]
+
+    def close(self):
+        self.service.release.set()
+        os.close(self.in_w)  # input closed: the server ends
+        self.thread.join(10)
+        for fd in [self.out_r] + self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def harness():
+    h = Harness()
+    yield h
+    h.close()
+
+
+def test_worker_click_never_runs_before_the_volume_or_model_it_needs(harness):
+    """A prefetch is queued (the worker is busy), then the user clicks on a volume not sent yet: the
+    connection sends ``set_volume`` and then ``predict``. The click may jump the prefetch, never the
+    ``set_volume`` (it failed with "volume was not sent" -- or ran on the previous model after a ``load``)."""
+    h = harness
+    h.send(1, "block")
+    assert h.service.blocking.wait(10)
+    h.send(2, "prefetch", volume="v1")
+    h.send(3, "set_volume", key="v2")
+    h.send(4, "predict", volume="v2")
+    h.send(5, "journal")
+    h.collect(5)  # every request above has been accepted
+    h.service.volumes.add("v1")
+    h.service.release.set()
+    replies = h.collect(1, 2, 3, 4)
+    assert [r["status"] for r in replies] == ["ok"] * 4, replies
+    assert [k for k, _ in h.service.ran] == ["block", "set_volume", "predict", "prefetch"]
