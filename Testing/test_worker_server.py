@@ -74,9 +74,11 @@ class Harness:
 
     def close(self):
         self.service.release.set()
-        os.close(self.in_w)  # input closed: the server ends
+        os.close(self.out_r)  # nobody reads any more (the server's writes fail), and
+        os.close(self.in_w)   # input closed: the server ends
         self.thread.join(10)
-        for fd in [self.out_r] + self._fds:
+        assert not self.thread.is_alive()
+        for fd in self._fds:
             try:
                 os.close(fd)
             except OSError:
@@ -107,3 +109,32 @@ def test_worker_click_never_runs_before_the_volume_or_model_it_needs(harness):
     replies = h.collect(1, 2, 3, 4)
     assert [r["status"] for r in replies] == ["ok"] * 4, replies
     assert [k for k, _ in h.service.ran] == ["block", "set_volume", "predict", "prefetch"]
+
+
+def test_worker_keeps_reading_requests_while_the_client_is_not_reading_its_replies(harness):
+    """The job thread is stuck writing a large reply the client has not read yet, and a prefetch replaces a
+    queued one (a "dropped" reply to send). The reader thread must still take in the client's next request:
+    on Windows the client's pipe writes block until the worker reads them, so a reader waiting for the
+    output pipe (it wrote "dropped" while holding the queue lock) deadlocked client and worker."""
+    h = harness
+    h.service.volumes.add("v")
+    h.send(1, "big", nbytes=4 << 20)  # far more than a pipe holds: the output stays full
+    h.send(2, "block")                 # the worker is busy
+    time.sleep(0.2)
+    h.send(3, "prefetch", volume="v")
+    h.send(4, "prefetch", volume="v")  # drops 3: a reply to send while the output pipe is full
+    request = frame_bytes({"id": 5, "kind": "set_volume", "fields": {"key": "w", "pad": "p" * (1 << 20)}})
+    written = threading.Event()
+
+    def write_blocking():  # as the client's writes on Windows: they return once the worker has read them
+        view = memoryview(request)
+        while len(view):
+            view = view[os.write(h.in_w, view):]
+        written.set()
+
+    threading.Thread(target=write_blocking, daemon=True).start()
+    assert written.wait(5), "the worker stopped reading its input while its output was full"
+    h.service.release.set()
+    replies = h.collect(1, 2, 3, 4, 5, timeout=20)
+    assert [r["status"] for r in replies] == ["ok", "ok", "dropped", "ok", "ok"]
+    assert len(replies[0]["result"]) == 4 << 20

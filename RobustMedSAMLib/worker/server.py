@@ -3,7 +3,9 @@ standard output (``python -m RobustMedSAMLib.worker``).
 
 Threads (in the worker; its GIL is its own): a reader thread parses frames as they arrive, answers
 ``cancel`` at once and queues the rest; one job thread runs the queued requests through an
-:class:`~.service.EngineService`, one at a time (the model is not shared between threads). Scheduling:
+:class:`~.service.EngineService`, one at a time (the model is not shared between threads); one writer
+thread sends what the other two queue, so neither ever waits for the client to read (a reply's arrays
+must not change once returned). Scheduling:
 
 * ``predict`` runs before the prefetches queued ahead of it (they move behind it) but after every other
   request sent before it (the ``load`` or ``set_volume`` it needs): a click is never stuck behind prefetches;
@@ -23,6 +25,7 @@ Slicer process went away), so it never outlives its client.
 from __future__ import annotations
 
 import os
+import queue
 import sys
 import threading
 import time
@@ -55,20 +58,39 @@ class WorkerServer:
         self.read_fd, self.write_fd = read_fd, write_fd
         self._queue: Deque[_Job] = deque()
         self._cond = threading.Condition()
-        self._write_lock = threading.Lock()
+        self._outgoing: "queue.Queue[Optional[list]]" = queue.Queue()
+        self._writer: Optional[threading.Thread] = None
         self._running: Optional[_Job] = None
         self._closing = False
         self.journal: Deque[Dict[str, Any]] = deque(maxlen=200)
 
     # -- output --------------------------------------------------------------------------------------
     def send(self, message: Dict[str, Any]) -> None:
-        pieces = encode_frame(message)
-        with self._write_lock:
-            for piece in pieces:
-                view = piece
-                while len(view):
-                    n = os.write(self.write_fd, view)
-                    view = view[n:]
+        """Queue ``message`` for the writer thread (encoded here, so an unsendable value fails here). Never
+        waits for the pipe: the reader thread must keep draining the client's requests even while the client
+        is not reading (on Windows its writes block until they are read)."""
+        self._outgoing.put(encode_frame(message))
+
+    def _write_loop(self) -> None:
+        while True:
+            pieces = self._outgoing.get()
+            if pieces is None:
+                return
+            try:
+                for view in pieces:
+                    while len(view):
+                        view = view[os.write(self.write_fd, view):]
+            except OSError as e:  # the client is gone (EPIPE); its input ends too, and the worker with it
+                print(f"RobustMedSAM worker: output failed ({e}); dropping replies", file=sys.stderr)
+                while self._outgoing.get() is not None:
+                    pass
+                return
+
+    def _finish_output(self, timeout: float = 10.0) -> None:
+        """Let the writer send what is queued (the ``unload`` reply) before the process ends."""
+        self._outgoing.put(None)
+        if self._writer is not None:
+            self._writer.join(timeout)
 
     def reply(self, job: _Job, status: str, result: Any = None, error: Optional[dict] = None) -> None:
         job.record["status"], job.record["ended"] = status, time.monotonic()
@@ -177,7 +199,15 @@ class WorkerServer:
         return True
 
     def serve(self) -> None:
+        self._writer = threading.Thread(target=self._write_loop, name="robustmedsam-worker-output", daemon=True)
+        self._writer.start()
         threading.Thread(target=self._read_loop, name="robustmedsam-worker-input", daemon=True).start()
+        try:
+            self._serve()
+        finally:
+            self._finish_output()
+
+    def _serve(self) -> None:
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
