@@ -4,10 +4,13 @@ records when it ran, and ``block`` waits until the test releases it."""
 from __future__ import annotations
 
 import os
+import select
 import threading
 import time
 
 import pytest
+
+pytestmark = pytest.mark.skipif(os.name == "nt", reason="select() on pipes is POSIX")
 
 from RobustMedSAMLib.worker.protocol import FrameReader, frame_bytes
 from RobustMedSAMLib.worker.server import WorkerServer
@@ -66,7 +69,9 @@ class Harness:
     def collect(self, *ids, timeout=10.0):
         deadline = time.monotonic() + timeout
         while not all(i in self.replies for i in ids):
-            assert time.monotonic() < deadline, f"no reply for {[i for i in ids if i not in self.replies]}"
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([self.out_r], [], [], max(left, 0))
+            assert ready and left > 0, f"no reply for {[i for i in ids if i not in self.replies]}"
             for message in self.reader.feed(os.read(self.out_r, 1 << 16)):
                 if message.get("type") == "reply":
                     self.replies[message["id"]] = message
@@ -138,3 +143,22 @@ def test_worker_keeps_reading_requests_while_the_client_is_not_reading_its_repli
     replies = h.collect(1, 2, 3, 4, 5, timeout=20)
     assert [r["status"] for r in replies] == ["ok", "ok", "dropped", "ok", "ok"]
     assert len(replies[0]["result"]) == 4 << 20
+
+
+def test_worker_unload_stops_running_and_queued_work_at_once(harness):
+    """Unload (the module's button; the GUI waits for the worker to end) while a long request runs and
+    others wait: the running one is cancelled at its next check, the queued ones are cancelled unstarted,
+    and the worker ends -- it used to run everything queued first, freezing Slicer up to the 30 s limit."""
+    h = harness
+    h.service.volumes.add("v")
+    h.send(1, "block")
+    assert h.service.blocking.wait(10)
+    h.send(2, "set_volume", key="w")
+    h.send(3, "prefetch", volume="v")
+    start = time.monotonic()
+    h.send(4, "unload")
+    replies = h.collect(1, 2, 3, 4, timeout=5)
+    h.thread.join(5)
+    assert [r["status"] for r in replies] == ["cancelled", "cancelled", "cancelled", "ok"]
+    assert not h.thread.is_alive() and time.monotonic() - start < 2
+    assert [k for k, _ in h.service.ran] == ["block"]

@@ -13,7 +13,8 @@ must not change once returned). Scheduling:
   scrolling through 50 slices queues at most one encode;
 * every other request runs in arrival order; ``cancel`` ends the target if it is running (its handler sees
   ``cancelled()``) or drops it if it is still queued;
-* ``unload`` replies and exits: the process ends and its memory goes back to the operating system;
+* ``unload`` cancels the running request and every queued one, replies and exits: the process ends and its
+  memory goes back to the operating system;
 * ``journal`` is answered at once: the last 200 requests with their status and when (worker clock) each
   was received, started and ended -- how long a click waited, and for what.
 
@@ -150,6 +151,11 @@ class WorkerServer:
                 self.reply(job, "ok", [dict(r) for r in self.journal])
                 return
             self.journal.append(job.record)
+            if kind == "unload":  # the worker is to end: what runs stops at its next check, the rest never starts
+                if self._running is not None:
+                    self._running.cancelled.set()
+                while self._queue:
+                    self.reply(self._queue.popleft(), "cancelled")
             if kind == "prefetch":
                 for old in [j for j in self._queue if j.kind == "prefetch"]:
                     self._queue.remove(old)
