@@ -419,3 +419,25 @@ def test_worker_output_corrupted_by_a_banner_gives_one_clear_message_not_an_exce
     assert isinstance(request.error, WorkerDied), request.error
     assert "output could not be read" in str(request.error) and "frame marker" in str(request.error)
     assert not client.alive and client.pending == 0
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a shell script as the worker's Python")
+def test_worker_that_closes_its_output_but_lives_on_never_blocks_a_poll(tmp_path):
+    """End of the worker's output while its process has not ended (tearing down, hung in a driver): poll()
+    runs in the GUI thread and must not wait for the process; after ``exit_grace`` it is killed and the
+    pending request fails with WorkerDied."""
+    python = tmp_path / "python-that-hangs"
+    python.write_text("#!/bin/sh\nexec >&-\nsleep 20\n")
+    python.chmod(0o755)
+    client = WorkerClient(str(python), log_dir=tmp_path)
+    client.exit_grace = 0.5
+    request = client.submit("journal")
+    polls, start = [], time.monotonic()
+    while not request.finished and time.monotonic() - start < 10:
+        t = time.perf_counter()
+        client.poll()
+        polls.append(time.perf_counter() - t)
+        time.sleep(0.02)
+    assert max(polls) < 0.1, f"a poll waited {max(polls):.1f} s for the worker to end"
+    assert isinstance(request.error, WorkerDied) and "did not end" in str(request.error)
+    assert client.process is None and client.exit_code == -signal.SIGKILL

@@ -237,6 +237,9 @@ class WorkerClient(_BaseClient):
         self._reader = FrameReader()
         self._outbox: Deque[memoryview] = deque()
         self.exit_code: Optional[int] = None
+        #: seconds a worker that closed its output may take to end before poll() kills it
+        self.exit_grace = 5.0
+        self._eof_at: Optional[float] = None
 
     # -- process -------------------------------------------------------------------------------------
     @property
@@ -271,6 +274,7 @@ class WorkerClient(_BaseClient):
         self.exit_code = None
 
     def _reset_process(self) -> None:
+        self._eof_at = None
         self._reader = FrameReader()
         self._outbox.clear()
         if self.process is not None:
@@ -347,8 +351,14 @@ class WorkerClient(_BaseClient):
                 self._dispatch(message)
             if time.monotonic() - start >= budget:
                 return self.pending
-        if eof or self.process.poll() is not None:
+        if self.process.poll() is not None:
             self._worker_ended()
+        elif eof:  # its output closed but the process lives on (ending, or hung): never wait for it here
+            if self._eof_at is None:
+                self._eof_at = time.monotonic()
+            elif time.monotonic() - self._eof_at > self.exit_grace:
+                self.process.kill()
+                self._worker_ended("it closed its output but did not end, and was killed")
         return self.pending
 
     def _stream_broken(self, why: str) -> None:
