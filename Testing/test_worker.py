@@ -441,3 +441,15 @@ def test_worker_that_closes_its_output_but_lives_on_never_blocks_a_poll(tmp_path
     assert max(polls) < 0.1, f"a poll waited {max(polls):.1f} s for the worker to end"
     assert isinstance(request.error, WorkerDied) and "did not end" in str(request.error)
     assert client.process is None and client.exit_code == -signal.SIGKILL
+
+
+def test_worker_close_ends_the_process_and_every_pending_request(tmp_path):
+    """close() (module cleanup, Slicer exit): the process is reaped (no zombie), its pipes closed, and a
+    request still pending is finished (WorkerDied), not left for a poll that never comes."""
+    client = WorkerClient(log_dir=tmp_path)
+    request = client.submit("hello")  # imports torch: still pending
+    process = client.process
+    client.close()
+    assert request.finished and isinstance(request.error, WorkerDied) and "closed by the client" in str(request.error)
+    assert process.returncode is not None and process.stdin.closed and process.stdout.closed
+    assert client.process is None and client.pending == 0

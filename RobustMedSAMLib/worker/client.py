@@ -420,11 +420,12 @@ class WorkerClient(_BaseClient):
         return True
 
     def close(self) -> None:
-        """Stop the worker now (pending requests fail)."""
+        """Stop the worker now (pending requests fail); the process is reaped, its pipes closed."""
+        if self.process is None:
+            return
         if self.alive:
             self.process.kill()
-        if self.process is not None:
-            self.poll()
+        self._worker_ended("it was closed by the client")
 
 
 def wait_all(client, requests: Sequence[Request], timeout: Optional[float] = None) -> List[Request]:
