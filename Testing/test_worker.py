@@ -453,3 +453,32 @@ def test_worker_close_ends_the_process_and_every_pending_request(tmp_path):
     assert request.finished and isinstance(request.error, WorkerDied) and "closed by the client" in str(request.error)
     assert process.returncode is not None and process.stdin.closed and process.stdout.closed
     assert client.process is None and client.pending == 0
+
+
+def test_worker_volume_files_are_deleted_once_the_worker_lets_go_of_them(tmp_path, monkeypatch):
+    """Each volume crosses as a .npy file the worker memory-maps. On Windows such a file cannot be deleted
+    while mapped, and the GUI deletes right after queueing ``drop_volume``: the deletion fails (simulated
+    here: PermissionError, as Windows gives) and must be retried, not forgotten -- one leaked file the
+    size of the volume per edit of the volume, in the user's cache."""
+    conn = EngineConnection(WorkerClient(log_dir=tmp_path))
+    conn.set_volume(np.zeros((2, 3, 4), np.int16), np.eye(4), key="a")
+    first = conn._files["a"]
+    conn.set_volume(np.ones((2, 3, 4), np.int16), np.eye(4), key="a")  # same key again: a new file
+    assert conn._files["a"] != first and not first.exists()
+    real_unlink, mapped = Path.unlink, {conn._files["a"]}
+
+    def unlink(self, *args, **kwargs):
+        if self in mapped:
+            raise PermissionError(13, "The process cannot access the file because it is being used", str(self))
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    second = conn._files["a"]
+    conn.drop_volume("a")
+    assert second.exists()       # still mapped by the worker
+    conn.poll()
+    assert second.exists()
+    mapped.clear()               # the worker has handled drop_volume
+    conn.poll()
+    assert not second.exists() and not list(tmp_path.glob("volume-*"))
+    conn.close()
