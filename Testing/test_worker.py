@@ -482,3 +482,23 @@ def test_worker_volume_files_are_deleted_once_the_worker_lets_go_of_them(tmp_pat
     conn.poll()
     assert not second.exists() and not list(tmp_path.glob("volume-*"))
     conn.close()
+
+
+def test_worker_a_library_reading_standard_input_cannot_take_the_requests(tmp_path):
+    """Standard input carries the requests. Code in the worker that reads ``sys.stdin`` (a prompt in a
+    download helper, ``input()``) must get end-of-file, not swallow request bytes and corrupt the stream.
+    Simulated with a ``sitecustomize`` that makes ``hello`` read standard input first."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "from RobustMedSAMLib.worker import service\n"
+        "def do_hello(self, ctx):\n"
+        "    import sys\n"
+        "    return {'read': sys.stdin.read(100)}\n"
+        "service.EngineService.do_hello = do_hello\n")
+    client = WorkerClient(log_dir=tmp_path, env={"PYTHONPATH": str(site)})
+    hello = client.submit("hello")
+    later = [client.submit("journal") for _ in range(3)]
+    assert client.wait(hello, 30).ok and hello.result == {"read": ""}, (hello.error, client.log_tail())
+    assert all(client.wait(r, 30).ok for r in later)
+    client.close()

@@ -234,12 +234,17 @@ class WorkerServer:
 
 
 def main() -> int:
-    """Worker entry point: the protocol uses a private duplicate of stdout, and fd 1 becomes stderr, so
-    a library that prints cannot corrupt the stream."""
+    """Worker entry point: the protocol uses private duplicates of stdin and stdout; fd 1 becomes stderr and
+    fd 0 the null device, so a library that prints cannot corrupt the stream and one that reads standard
+    input gets end-of-file instead of request bytes."""
     out_fd = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    read_fd = sys.stdin.fileno()
+    read_fd = os.dup(0)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    sys.stdin = open(os.devnull)
     if os.name == "nt":  # binary pipes on Windows
         import msvcrt
 
