@@ -502,3 +502,33 @@ def test_worker_a_library_reading_standard_input_cannot_take_the_requests(tmp_pa
     assert client.wait(hello, 30).ok and hello.result == {"read": ""}, (hello.error, client.log_tail())
     assert all(client.wait(r, 30).ok for r in later)
     client.close()
+
+
+def test_worker_client_keeps_what_a_short_pipe_write_left_on_the_windows_path(monkeypatch):
+    """On Windows the client's writes are blocking, and one write can still take less than asked (the C
+    runtime caps it): the rest must be sent next, not counted as sent. The Windows branch of the pipe runs
+    here on a POSIX pipe with writes capped at 1000 bytes."""
+    from RobustMedSAMLib.worker import client as client_module
+
+    read_fd, write_fd = os.pipe()
+    try:
+        pipe = client_module._Pipe(read_fd, write_fd)
+        pipe.windows = True
+        real_write = os.write
+        monkeypatch.setattr(client_module.os, "write", lambda fd, data: real_write(fd, bytes(data[:1000])))
+        client = WorkerClient()
+        client._pipe = pipe
+        frame = frame_bytes({"id": 1, "kind": "x", "fields": {"a": np.arange(3000, dtype=np.int16)}})
+        client._outbox.append(memoryview(frame))
+        while client._outbox:
+            client._flush()
+        got = b""
+        while True:
+            try:
+                got += os.read(read_fd, 1 << 16)
+            except BlockingIOError:
+                break
+        assert len(got) == len(frame) and got == frame
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)

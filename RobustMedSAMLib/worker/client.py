@@ -198,10 +198,13 @@ class _Pipe:
             return None
 
     def write(self, view: memoryview) -> int:
-        """Write what the pipe takes now; returns the number of bytes written (Windows: all, blocking)."""
+        """Write what the pipe takes now; returns the number of bytes written. On Windows the write blocks
+        until the worker has read it (anonymous pipes have no non-blocking mode before Python 3.12); the
+        worker's reader thread never waits for anything else, so that is the time the bytes take to cross,
+        plus the worker's start-up when it is just starting. It may still write less than asked (the C
+        runtime caps one write at INT_MAX bytes)."""
         if self.windows:
-            os.write(self.write_fd, view)
-            return len(view)
+            return os.write(self.write_fd, view)
         try:
             return os.write(self.write_fd, view)
         except BlockingIOError:
