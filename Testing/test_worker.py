@@ -532,3 +532,24 @@ def test_worker_client_keeps_what_a_short_pipe_write_left_on_the_windows_path(mo
     finally:
         os.close(read_fd)
         os.close(write_fd)
+
+
+def test_worker_logs_of_two_sessions_sharing_the_log_folder_stay_apart(tmp_path):
+    """Slicer puts every session's worker log in one cache folder; two Slicer sessions at once (or one
+    after another) must not write into -- or truncate -- the same log, else WorkerDied quotes the wrong
+    worker. Logs older than a week are deleted."""
+    stale = tmp_path / "robustmedsam-worker-1.log"
+    stale.write_text("a week old")
+    os.utime(stale, (time.time() - 8 * 86400,) * 2)
+    a, b = WorkerClient(log_dir=tmp_path), WorkerClient(log_dir=tmp_path)
+    try:
+        for c in (a, b):
+            c.start()
+            c.process.stdin.close()  # input ends: the worker exits and logs why
+        for c in (a, b):
+            c.process.wait(30)
+        assert a.log_path != b.log_path and a.log_path.is_file() and b.log_path.is_file()
+        assert not stale.exists()
+    finally:
+        a.close()
+        b.close()

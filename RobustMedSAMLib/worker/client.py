@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
@@ -27,6 +28,7 @@ from .protocol import FrameReader, ProtocolError, UndecodableMessage, encode_fra
 
 PENDING, OK, ERROR, CANCELLED, DROPPED = "pending", "ok", "error", "cancelled", "dropped"
 ENGINE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding the RobustMedSAMLib package
+LOG_DAYS = 7  # worker logs older than this are deleted when a worker starts
 
 
 class EngineError(RuntimeError):
@@ -225,7 +227,8 @@ class WorkerClient(_BaseClient):
     Arguments:
         executable: the Python to run the worker with (default ``sys.executable``; in Slicer ``PythonSlicer``).
         env: extra environment variables for the worker (``ENGINE_ROOT`` is put first on its PYTHONPATH).
-        log_dir: where the worker's stderr goes (``robustmedsam-worker-<n>.log``; default: a temp folder).
+        log_dir: where the worker's stderr goes (``robustmedsam-worker-<pid>-<token>-<n>.log``, the n-th
+            worker of this client; logs older than a week are deleted; default: a temp folder).
     """
 
     def __init__(self, executable: Optional[str] = None, env: Optional[Dict[str, str]] = None,
@@ -240,6 +243,7 @@ class WorkerClient(_BaseClient):
         self._reader = FrameReader()
         self._outbox: Deque[memoryview] = deque()
         self.exit_code: Optional[int] = None
+        self._token = uuid.uuid4().hex[:8]
         #: seconds a worker that closed its output may take to end before poll() kills it
         self.exit_grace = 5.0
         self._eof_at: Optional[float] = None
@@ -267,7 +271,10 @@ class WorkerClient(_BaseClient):
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.generation += 1
-        self.log_path = self.log_dir / f"robustmedsam-worker-{self.generation}.log"
+        self._prune_logs()
+        # named by this client (pid + token): two Slicer sessions share the log folder and must not
+        # truncate each other's logs
+        self.log_path = self.log_dir / f"robustmedsam-worker-{os.getpid()}-{self._token}-{self.generation}.log"
         flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen([self.executable, "-m", "RobustMedSAMLib.worker"], stdin=subprocess.PIPE,
@@ -275,6 +282,16 @@ class WorkerClient(_BaseClient):
                                             creationflags=flags, close_fds=True)
         self._pipe = _Pipe(self.process.stdout.fileno(), self.process.stdin.fileno())
         self.exit_code = None
+
+    def _prune_logs(self) -> None:
+        """Delete worker logs of earlier sessions older than :data:`LOG_DAYS` days."""
+        cutoff = time.time() - LOG_DAYS * 86400
+        for old in self.log_dir.glob("robustmedsam-worker-*.log"):
+            try:
+                if old.stat().st_mtime < cutoff:
+                    old.unlink()
+            except OSError:
+                pass
 
     def _reset_process(self) -> None:
         self._eof_at = None
