@@ -127,8 +127,9 @@ class WorkerServer:
 
     def _accept(self, message: Any) -> None:
         if isinstance(message, UndecodableMessage) or not isinstance(message, dict):
-            error = message.error if isinstance(message, UndecodableMessage) else f"a request must be a map, got {message!r:.80}"
-            rid = message.id if isinstance(message, UndecodableMessage) else None
+            bad = isinstance(message, UndecodableMessage)
+            error = message.error if bad else f"a request must be a map, got {message!r:.80}"
+            rid = message.id if bad else None
             if rid is None:  # not even its id could be read: the stream is not to be trusted
                 raise ProtocolError(f"unreadable request: {error}")
             with self._cond:
@@ -139,7 +140,8 @@ class WorkerServer:
         kind = message.get("kind")
         with self._cond:
             if kind == "cancel":
-                target = message.get("fields", {}).get("target")
+                fields = message.get("fields")
+                target = fields.get("target") if isinstance(fields, dict) else None
                 if self._running is not None and self._running.id == target:
                     self._running.cancelled.set()
                 for job in [j for j in self._queue if j.id == target]:
