@@ -162,3 +162,12 @@ def test_worker_unload_stops_running_and_queued_work_at_once(harness):
     assert [r["status"] for r in replies] == ["cancelled", "cancelled", "cancelled", "ok"]
     assert not h.thread.is_alive() and time.monotonic() - start < 2
     assert [k for k, _ in h.service.ran] == ["block"]
+
+
+def test_worker_survives_a_cancel_without_fields(harness):
+    """A cancel whose ``fields`` is not a map names nothing to cancel: ignored, the worker keeps serving
+    (its reader thread used to die on it)."""
+    harness.send(1, "cancel", **{})
+    os.write(harness.in_w, frame_bytes({"id": 2, "kind": "cancel", "fields": None}))
+    harness.send(3, "journal")
+    assert harness.collect(3)[0]["status"] == "ok"
