@@ -19,14 +19,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 
-from .protocol import FrameReader, encode_frame
+from .protocol import FrameReader, ProtocolError, UndecodableMessage, encode_frame
 
 PENDING, OK, ERROR, CANCELLED, DROPPED = "pending", "ok", "error", "cancelled", "dropped"
 ENGINE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding the RobustMedSAMLib package
+LOG_DAYS = 7  # worker logs older than this are deleted when a worker starts
 
 
 class EngineError(RuntimeError):
@@ -143,7 +145,15 @@ class _BaseClient:
     def wait(self, request: Request, timeout: Optional[float] = None) -> Request:
         raise NotImplementedError
 
-    def _dispatch(self, message: Dict[str, Any]) -> None:
+    def _dispatch(self, message: Any) -> None:
+        if isinstance(message, UndecodableMessage):
+            request = self._pending.pop(message.id, None)
+            if request is not None:
+                request._finish(ERROR, error=EngineError(f"the engine's answer to {request.kind!r} could not be read: "
+                                                         f"{message.error}", "ProtocolError"))
+            return
+        if not isinstance(message, dict):
+            return
         request = self._pending.get(message.get("id"))
         if request is None:
             return
@@ -190,10 +200,13 @@ class _Pipe:
             return None
 
     def write(self, view: memoryview) -> int:
-        """Write what the pipe takes now; returns the number of bytes written (Windows: all, blocking)."""
+        """Write what the pipe takes now; returns the number of bytes written. On Windows the write blocks
+        until the worker has read it (anonymous pipes have no non-blocking mode before Python 3.12); the
+        worker's reader thread never waits for anything else, so that is the time the bytes take to cross,
+        plus the worker's start-up when it is just starting. It may still write less than asked (the C
+        runtime caps one write at INT_MAX bytes)."""
         if self.windows:
-            os.write(self.write_fd, view)
-            return len(view)
+            return os.write(self.write_fd, view)
         try:
             return os.write(self.write_fd, view)
         except BlockingIOError:
@@ -214,7 +227,8 @@ class WorkerClient(_BaseClient):
     Arguments:
         executable: the Python to run the worker with (default ``sys.executable``; in Slicer ``PythonSlicer``).
         env: extra environment variables for the worker (``ENGINE_ROOT`` is put first on its PYTHONPATH).
-        log_dir: where the worker's stderr goes (``robustmedsam-worker-<n>.log``; default: a temp folder).
+        log_dir: where the worker's stderr goes (``robustmedsam-worker-<pid>-<token>-<n>.log``, the n-th
+            worker of this client; logs older than a week are deleted; default: a temp folder).
     """
 
     def __init__(self, executable: Optional[str] = None, env: Optional[Dict[str, str]] = None,
@@ -229,6 +243,10 @@ class WorkerClient(_BaseClient):
         self._reader = FrameReader()
         self._outbox: Deque[memoryview] = deque()
         self.exit_code: Optional[int] = None
+        self._token = uuid.uuid4().hex[:8]
+        #: seconds a worker that closed its output may take to end before poll() kills it
+        self.exit_grace = 5.0
+        self._eof_at: Optional[float] = None
 
     # -- process -------------------------------------------------------------------------------------
     @property
@@ -243,6 +261,8 @@ class WorkerClient(_BaseClient):
         """Start the worker unless it runs (cheap: the worker imports torch in its own time)."""
         if self.alive:
             return
+        while self.process is not None:  # a worker that ended unnoticed: deliver what it wrote, fail the rest
+            self.poll(budget=1.0)
         self._reset_process()
         env = dict(os.environ)
         env.update(self.extra_env)
@@ -251,7 +271,10 @@ class WorkerClient(_BaseClient):
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.generation += 1
-        self.log_path = self.log_dir / f"robustmedsam-worker-{self.generation}.log"
+        self._prune_logs()
+        # named by this client (pid + token): two Slicer sessions share the log folder and must not
+        # truncate each other's logs
+        self.log_path = self.log_dir / f"robustmedsam-worker-{os.getpid()}-{self._token}-{self.generation}.log"
         flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen([self.executable, "-m", "RobustMedSAMLib.worker"], stdin=subprocess.PIPE,
@@ -260,7 +283,18 @@ class WorkerClient(_BaseClient):
         self._pipe = _Pipe(self.process.stdout.fileno(), self.process.stdin.fileno())
         self.exit_code = None
 
+    def _prune_logs(self) -> None:
+        """Delete worker logs of earlier sessions older than :data:`LOG_DAYS` days."""
+        cutoff = time.time() - LOG_DAYS * 86400
+        for old in self.log_dir.glob("robustmedsam-worker-*.log"):
+            try:
+                if old.stat().st_mtime < cutoff:
+                    old.unlink()
+            except OSError:
+                pass
+
     def _reset_process(self) -> None:
+        self._eof_at = None
         self._reader = FrameReader()
         self._outbox.clear()
         if self.process is not None:
@@ -323,15 +357,38 @@ class WorkerClient(_BaseClient):
             if data == b"":
                 eof = True
                 break
-            for message in self._reader.feed(data):
+            try:
+                messages = self._reader.feed(data)
+            except ProtocolError as e:  # something else wrote into the worker's output: it cannot go on
+                for message in e.messages:
+                    self._dispatch(message)
+                self._stream_broken(str(e))
+                return self.pending
+            for message in messages:
+                if isinstance(message, UndecodableMessage) and message.id is None:
+                    self._stream_broken(message.error)
+                    return self.pending
                 self._dispatch(message)
             if time.monotonic() - start >= budget:
                 return self.pending
-        if eof or self.process.poll() is not None:
+        if self.process.poll() is not None:
             self._worker_ended()
+        elif eof:  # its output closed but the process lives on (ending, or hung): never wait for it here
+            if self._eof_at is None:
+                self._eof_at = time.monotonic()
+            elif time.monotonic() - self._eof_at > self.exit_grace:
+                self.process.kill()
+                self._worker_ended("it closed its output but did not end, and was killed")
         return self.pending
 
-    def _worker_ended(self) -> None:
+    def _stream_broken(self, why: str) -> None:
+        """The worker's output cannot be read any further: stop it and fail what is pending."""
+        logging.getLogger(__name__).error("RobustMedSAM: the engine process's output is unreadable: %s", why)
+        if self.alive:
+            self.process.kill()
+        self._worker_ended(f"its output could not be read: {why}")
+
+    def _worker_ended(self, reason: Optional[str] = None) -> None:
         code = self.process.wait()
         self.exit_code = code
         pending = list(self._pending.values())
@@ -340,7 +397,7 @@ class WorkerClient(_BaseClient):
         if not pending:
             return
         why = {-9: "it was killed (SIGKILL; out of memory?)", -15: "it was terminated", -11: "it crashed (SIGSEGV)"}
-        reason = why.get(code, f"exit code {code}")
+        reason = reason or why.get(code, f"exit code {code}")
         tail = self.log_tail()
         message = (f"the RobustMedSAM engine process stopped ({reason}); nothing was changed, and the next action "
                    f"starts it again." + (f"\nLast lines of its log ({self.log_path}):\n{tail}" if tail else ""))
@@ -383,11 +440,12 @@ class WorkerClient(_BaseClient):
         return True
 
     def close(self) -> None:
-        """Stop the worker now (pending requests fail)."""
+        """Stop the worker now (pending requests fail); the process is reaped, its pipes closed."""
+        if self.process is None:
+            return
         if self.alive:
             self.process.kill()
-        if self.process is not None:
-            self.poll()
+        self._worker_ended("it was closed by the client")
 
 
 def wait_all(client, requests: Sequence[Request], timeout: Optional[float] = None) -> List[Request]:

@@ -16,7 +16,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -60,6 +60,7 @@ class EngineConnection:
         self._volumes: Dict[str, Dict[str, Any]] = {}
         self._volume_generation: Dict[str, int] = {}
         self._files: Dict[str, Path] = {}
+        self._trash: List[Path] = []
         self._wanted: Optional[Tuple[float, Dict[str, Any]]] = None
         self._last_prefetch: Optional[Dict[str, Any]] = None
 
@@ -111,7 +112,7 @@ class EngineConnection:
         else:
             folder = Path(self.client.log_dir)
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"volume-{key}.npy"
+            path = folder / f"volume-{key}-{uuid.uuid4().hex[:8]}.npy"  # never a path still mapped by the worker
             tmp = path.with_suffix(".tmp.npy")
             np.save(tmp, np.ascontiguousarray(array), allow_pickle=False)
             os.replace(tmp, path)
@@ -128,10 +129,21 @@ class EngineConnection:
             self._volume_generation.pop(key, None)
         path = self._files.pop(key, None)
         if path is not None:
+            self._trash.append(path)
+            self._empty_trash()
+
+    def _empty_trash(self) -> None:
+        """Delete the files of dropped volumes. On Windows a file the worker still has memory-mapped cannot
+        be deleted until the worker has handled ``drop_volume`` (or ended): those wait for a later poll."""
+        kept = []
+        for path in self._trash:
             try:
                 path.unlink()
-            except OSError:
+            except FileNotFoundError:
                 pass
+            except OSError:
+                kept.append(path)
+        self._trash = kept
 
     def drop_all_volumes(self) -> None:
         for key in list(self._volumes):
@@ -192,6 +204,8 @@ class EngineConnection:
         """Send a due prefetch and exchange with the worker without blocking; returns :attr:`pending`."""
         self._send_prefetch()
         self.client.poll(budget)
+        if self._trash:
+            self._empty_trash()
         return self.pending
 
     def wait(self, request: Request, timeout: Optional[float] = None) -> Request:
@@ -211,3 +225,4 @@ class EngineConnection:
         self.unload()
         for key in list(self._files):
             self.drop_volume(key)
+        self._empty_trash()  # the worker has ended: nothing maps them any more

@@ -26,6 +26,10 @@ import numpy as np
 MAGIC = b"RMW1"
 _PREFIX = struct.Struct("<4sQQ")
 _ALIGN = 16
+#: largest frame parts accepted: far above any real message, low enough that a corrupt length is an error
+#: rather than an attempt to allocate exabytes
+MAX_HEADER_BYTES = 1 << 30
+MAX_PAYLOAD_BYTES = 1 << 36
 #: dataclasses that may cross the wire: name -> "module:attribute" (imported lazily, on first use)
 DATACLASSES = {
     "Prompt": "RobustMedSAMLib.prompts:Prompt",
@@ -148,37 +152,84 @@ def frame_bytes(message: Any) -> bytes:
     return b"".join(bytes(p) for p in encode_frame(message))
 
 
+def _int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ProtocolError(f"corrupt frame: {what} {value!r}")
+    return value
+
+
+def _array(meta, payload: memoryview) -> np.ndarray:
+    """One array of a frame from its ``[dtype, shape, offset, nbytes, bits]`` entry (every field checked)."""
+    if not isinstance(meta, list) or len(meta) != 5:
+        raise ProtocolError("corrupt frame: bad array entry")
+    dtype, shape, offset, nbytes, bits = meta
+    if dtype not in _DTYPES or not isinstance(shape, list) or not isinstance(bits, bool):
+        raise ProtocolError(f"corrupt frame: array of dtype {dtype!r}, shape {shape!r}")
+    shape = tuple(_int(n, "array dimension") for n in shape)
+    offset, nbytes = _int(offset, "array offset"), _int(nbytes, "array size")
+    count = 1
+    for n in shape:
+        count *= n
+    expected = (count + 7) // 8 if bits else count * np.dtype(dtype).itemsize
+    if nbytes != expected or offset + nbytes > len(payload):
+        raise ProtocolError(f"corrupt frame: array {shape} of {dtype} in {nbytes} bytes at {offset} "
+                            f"(payload {len(payload)} bytes)")
+    raw = payload[offset:offset + nbytes]
+    if bits:
+        return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=count).astype(bool).reshape(shape)
+    return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape)
+
+
+class UndecodableMessage:
+    """A complete frame whose message could not be rebuilt (:attr:`error`); :attr:`id` is the message's
+    ``id`` where its header could be read. The stream itself is intact: the next frame is read normally."""
+
+    def __init__(self, error: str, id: Any = None) -> None:
+        self.error, self.id = error, id
+
+    def __repr__(self) -> str:
+        return f"<UndecodableMessage id={self.id!r}: {self.error}>"
+
+
 def decode_body(body: bytearray, header_length: int) -> Any:
-    """The message of a frame's body (header + payload, without the 20-byte prefix)."""
+    """The message of a frame's body (header + payload, without the 20-byte prefix); ProtocolError when the
+    header, an array entry or a value is not what :func:`encode_frame` writes (the error's ``message_id`` is
+    the message's id where the header could be read)."""
     try:
         head = json.loads(bytes(body[:header_length]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ProtocolError(f"corrupt frame header: {e}") from None
-    payload = memoryview(body)[header_length:]
-    arrays = []
-    for dtype, shape, offset, nbytes, bits in head["buffers"]:
-        if dtype not in _DTYPES or offset + nbytes > len(payload):
-            raise ProtocolError("corrupt array in frame")
-        raw = payload[offset:offset + nbytes]
-        count = int(np.prod(shape, dtype=np.int64))
-        if bits:
-            a = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=count).astype(bool)
-        else:
-            a = np.frombuffer(raw, dtype=np.dtype(dtype))
-            if a.size != count:
-                raise ProtocolError("corrupt array in frame")
-        arrays.append(a.reshape(shape))
-    return from_wire(head["message"], arrays)
+    if not isinstance(head, dict) or not isinstance(head.get("buffers"), list) or "message" not in head:
+        raise ProtocolError("corrupt frame header: not a message")
+    message = head["message"]
+    message_id = message.get("id") if isinstance(message, dict) else None
+    try:
+        payload = memoryview(body)[header_length:]
+        arrays = [_array(meta, payload) for meta in head["buffers"]]
+        return from_wire(message, arrays)
+    except ProtocolError as e:
+        e.message_id = message_id
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RecursionError) as e:
+        error = ProtocolError(f"a value of the message could not be rebuilt ({type(e).__name__}: {e})")
+        error.message_id = message_id
+        raise error from None
 
 
 class FrameReader:
-    """Incremental frame parser: :meth:`feed` bytes as they arrive, get the complete messages back."""
+    """Incremental frame parser: :meth:`feed` bytes as they arrive, get the complete messages back.
+
+    A frame whose message cannot be rebuilt comes back as an :class:`UndecodableMessage` (the stream goes
+    on); a broken stream (no frame marker, impossible lengths) raises :class:`ProtocolError`, whose
+    ``messages`` are the messages completed before the break."""
 
     def __init__(self) -> None:
         self._prefix = bytearray()
         self._body: bytearray = bytearray()
         self._header_length = 0
         self._filled = -1  # -1: waiting for a prefix
+        self._last_prefix = bytearray()
+        self._broken = ""  # why the stream cannot be read any further
 
     @property
     def in_frame(self) -> bool:
@@ -186,7 +237,11 @@ class FrameReader:
         return self._filled >= 0 or bool(self._prefix)
 
     def feed(self, data) -> List[Any]:
-        messages = []
+        messages: List[Any] = []
+        if self._broken:
+            error = ProtocolError(self._broken)
+            error.messages = messages
+            raise error
         view = memoryview(data).cast("B")
         pos, n = 0, len(view)
         while pos < n:
@@ -197,9 +252,16 @@ class FrameReader:
                 if len(self._prefix) < _PREFIX.size:
                     break
                 magic, header_length, payload_length = _PREFIX.unpack(bytes(self._prefix))
-                self._prefix = bytearray()
+                self._last_prefix, self._prefix = self._prefix, bytearray()
                 if magic != MAGIC:
-                    raise ProtocolError("the engine worker's stream is corrupt (bad frame marker)")
+                    self._broken = (f"the stream is corrupt: a frame starts with {bytes(self._last_prefix)!r} "
+                                    f"instead of the frame marker (something else wrote into it)")
+                elif header_length > MAX_HEADER_BYTES or payload_length > MAX_PAYLOAD_BYTES:
+                    self._broken = f"the stream is corrupt: a frame of {header_length} + {payload_length} bytes"
+                if self._broken:
+                    error = ProtocolError(self._broken)
+                    error.messages = messages
+                    raise error
                 self._header_length = header_length
                 self._body = bytearray(header_length + payload_length)
                 self._filled = 0
@@ -209,5 +271,8 @@ class FrameReader:
             pos += len(take)
             if self._filled == len(self._body):
                 body, self._body, self._filled = self._body, bytearray(), -1
-                messages.append(decode_body(body, self._header_length))
+                try:
+                    messages.append(decode_body(body, self._header_length))
+                except ProtocolError as e:
+                    messages.append(UndecodableMessage(str(e), getattr(e, "message_id", None)))
         return messages

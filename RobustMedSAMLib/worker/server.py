@@ -3,14 +3,18 @@ standard output (``python -m RobustMedSAMLib.worker``).
 
 Threads (in the worker; its GIL is its own): a reader thread parses frames as they arrive, answers
 ``cancel`` at once and queues the rest; one job thread runs the queued requests through an
-:class:`~.service.EngineService`, one at a time (the model is not shared between threads). Scheduling:
+:class:`~.service.EngineService`, one at a time (the model is not shared between threads); one writer
+thread sends what the other two queue, so neither ever waits for the client to read (a reply's arrays
+must not change once returned). Scheduling:
 
-* ``predict`` runs before everything queued behind it (a click is never stuck behind prefetches);
+* ``predict`` runs before the prefetches queued ahead of it (they move behind it) but after every other
+  request sent before it (the ``load`` or ``set_volume`` it needs): a click is never stuck behind prefetches;
 * ``prefetch`` is latest-wins: a new one drops every prefetch not yet started (reply status "dropped"), so
   scrolling through 50 slices queues at most one encode;
 * every other request runs in arrival order; ``cancel`` ends the target if it is running (its handler sees
   ``cancelled()``) or drops it if it is still queued;
-* ``unload`` replies and exits: the process ends and its memory goes back to the operating system;
+* ``unload`` cancels the running request and every queued one, replies and exits: the process ends and its
+  memory goes back to the operating system;
 * ``journal`` is answered at once: the last 200 requests with their status and when (worker clock) each
   was received, started and ended -- how long a click waited, and for what.
 
@@ -22,6 +26,7 @@ Slicer process went away), so it never outlives its client.
 from __future__ import annotations
 
 import os
+import queue
 import sys
 import threading
 import time
@@ -29,7 +34,7 @@ import traceback
 from collections import deque
 from typing import Any, Deque, Dict, Optional
 
-from .protocol import FrameReader, ProtocolError, encode_frame
+from .protocol import FrameReader, ProtocolError, UndecodableMessage, encode_frame
 from .service import EngineService, JobContext
 
 PROGRESS_INTERVAL = 0.05
@@ -54,20 +59,39 @@ class WorkerServer:
         self.read_fd, self.write_fd = read_fd, write_fd
         self._queue: Deque[_Job] = deque()
         self._cond = threading.Condition()
-        self._write_lock = threading.Lock()
+        self._outgoing: "queue.Queue[Optional[list]]" = queue.Queue()
+        self._writer: Optional[threading.Thread] = None
         self._running: Optional[_Job] = None
         self._closing = False
         self.journal: Deque[Dict[str, Any]] = deque(maxlen=200)
 
     # -- output --------------------------------------------------------------------------------------
     def send(self, message: Dict[str, Any]) -> None:
-        pieces = encode_frame(message)
-        with self._write_lock:
-            for piece in pieces:
-                view = piece
-                while len(view):
-                    n = os.write(self.write_fd, view)
-                    view = view[n:]
+        """Queue ``message`` for the writer thread (encoded here, so an unsendable value fails here). Never
+        waits for the pipe: the reader thread must keep draining the client's requests even while the client
+        is not reading (on Windows its writes block until they are read)."""
+        self._outgoing.put(encode_frame(message))
+
+    def _write_loop(self) -> None:
+        while True:
+            pieces = self._outgoing.get()
+            if pieces is None:
+                return
+            try:
+                for view in pieces:
+                    while len(view):
+                        view = view[os.write(self.write_fd, view):]
+            except OSError as e:  # the client is gone (EPIPE); its input ends too, and the worker with it
+                print(f"RobustMedSAM worker: output failed ({e}); dropping replies", file=sys.stderr)
+                while self._outgoing.get() is not None:
+                    pass
+                return
+
+    def _finish_output(self, timeout: float = 10.0) -> None:
+        """Let the writer send what is queued (the ``unload`` reply) before the process ends."""
+        self._outgoing.put(None)
+        if self._writer is not None:
+            self._writer.join(timeout)
 
     def reply(self, job: _Job, status: str, result: Any = None, error: Optional[dict] = None) -> None:
         job.record["status"], job.record["ended"] = status, time.monotonic()
@@ -93,19 +117,31 @@ class WorkerServer:
                     break
                 for message in reader.feed(data):
                     self._accept(message)
-        except (OSError, ProtocolError) as e:
-            print(f"RobustMedSAM worker: input stream failed: {e}", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - whatever breaks the input, the worker must not hang
+            print(f"RobustMedSAM worker: input stream failed ({type(e).__name__}: {e}); exiting", file=sys.stderr)
         with self._cond:  # the client is gone: stop after the running job notices
             self._closing = True
             if self._running is not None:
                 self._running.cancelled.set()
             self._cond.notify_all()
 
-    def _accept(self, message: Dict[str, Any]) -> None:
+    def _accept(self, message: Any) -> None:
+        if isinstance(message, UndecodableMessage) or not isinstance(message, dict):
+            bad = isinstance(message, UndecodableMessage)
+            error = message.error if bad else f"a request must be a map, got {message!r:.80}"
+            rid = message.id if bad else None
+            if rid is None:  # not even its id could be read: the stream is not to be trusted
+                raise ProtocolError(f"unreadable request: {error}")
+            with self._cond:
+                self.reply(_Job({"id": rid, "kind": "?"}), "error",
+                           error={"type": "ProtocolError", "message": f"the request could not be read: {error}",
+                                  "traceback": ""})
+            return
         kind = message.get("kind")
         with self._cond:
             if kind == "cancel":
-                target = message.get("fields", {}).get("target")
+                fields = message.get("fields")
+                target = fields.get("target") if isinstance(fields, dict) else None
                 if self._running is not None and self._running.id == target:
                     self._running.cancelled.set()
                 for job in [j for j in self._queue if j.id == target]:
@@ -117,13 +153,21 @@ class WorkerServer:
                 self.reply(job, "ok", [dict(r) for r in self.journal])
                 return
             self.journal.append(job.record)
+            if kind == "unload":  # the worker is to end: what runs stops at its next check, the rest never starts
+                if self._running is not None:
+                    self._running.cancelled.set()
+                while self._queue:
+                    self.reply(self._queue.popleft(), "cancelled")
             if kind == "prefetch":
                 for old in [j for j in self._queue if j.kind == "prefetch"]:
                     self._queue.remove(old)
                     self.reply(old, "dropped")
-            if kind == "predict":
-                at = next((n for n, j in enumerate(self._queue) if j.kind == "prefetch"), len(self._queue))
-                self._queue.insert(at, job)
+            if kind == "predict":  # ahead of prefetches, never ahead of what it needs (load, set_volume...)
+                waiting = [j for j in self._queue if j.kind == "prefetch"]
+                for old in waiting:
+                    self._queue.remove(old)
+                self._queue.append(job)
+                self._queue.extend(waiting)
             else:
                 self._queue.append(job)
             self._cond.notify_all()
@@ -163,7 +207,15 @@ class WorkerServer:
         return True
 
     def serve(self) -> None:
+        self._writer = threading.Thread(target=self._write_loop, name="robustmedsam-worker-output", daemon=True)
+        self._writer.start()
         threading.Thread(target=self._read_loop, name="robustmedsam-worker-input", daemon=True).start()
+        try:
+            self._serve()
+        finally:
+            self._finish_output()
+
+    def _serve(self) -> None:
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
@@ -184,12 +236,17 @@ class WorkerServer:
 
 
 def main() -> int:
-    """Worker entry point: the protocol uses a private duplicate of stdout, and fd 1 becomes stderr, so
-    a library that prints cannot corrupt the stream."""
+    """Worker entry point: the protocol uses private duplicates of stdin and stdout; fd 1 becomes stderr and
+    fd 0 the null device, so a library that prints cannot corrupt the stream and one that reads standard
+    input gets end-of-file instead of request bytes."""
     out_fd = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    read_fd = sys.stdin.fileno()
+    read_fd = os.dup(0)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    sys.stdin = open(os.devnull)
     if os.name == "nt":  # binary pipes on Windows
         import msvcrt
 
