@@ -15,7 +15,8 @@ import pytest
 
 from RobustMedSAMLib.prompt_files import ObjectPrompts
 from RobustMedSAMLib.prompts import Prediction, Prompt
-from RobustMedSAMLib.worker.client import EngineError, WorkerClient, WorkerDied
+from RobustMedSAMLib.worker.client import WorkerClient
+from RobustMedSAMLib.worker.requests import EngineError, WorkerDied
 from RobustMedSAMLib.worker.inprocess import InProcessClient
 from RobustMedSAMLib.worker.connection import EngineConnection, ModelSpec
 from RobustMedSAMLib.worker.protocol import FrameReader, ProtocolError, frame_bytes
@@ -391,7 +392,7 @@ def struct_prefix(payload_length):
 def test_worker_answers_an_unreadable_request_with_an_error_and_keeps_serving(tmp_path):
     """A request whose value cannot be rebuilt (here a prompt box of 3 numbers) must give an error reply for
     that request -- not kill the worker's reader thread and leave every later request unanswered."""
-    from RobustMedSAMLib.worker.client import Request
+    from RobustMedSAMLib.worker.requests import Request
 
     client = WorkerClient(log_dir=tmp_path)
     client.start()

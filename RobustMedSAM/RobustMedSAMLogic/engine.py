@@ -4,7 +4,7 @@ encoding cache (``RobustMedSAMLib.worker``), and the volumes sent to it.
 Slicer's main thread keeps Python's GIL while it idles, so engine work in a Python thread of the Slicer
 process would only move during GUI callbacks. Everything heavy therefore runs in a worker process started
 with Slicer's ``PythonSlicer``; this process never imports torch. Every method here returns at once with a
-:class:`~RobustMedSAMLib.worker.client.Request` whose ``on_done(request)`` callback runs in the GUI thread
+:class:`~RobustMedSAMLib.worker.requests.Request` whose ``on_done(request)`` callback runs in the GUI thread
 when :meth:`EngineSession.poll` (driven by :mod:`.pump`'s Qt timer in Slicer) sees the reply. Batch mode
 and tests use the same methods on an in-process client and :meth:`EngineSession.wait`.
 
@@ -21,7 +21,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from RobustMedSAMLib.worker.client import Request, WorkerClient
+from RobustMedSAMLib.worker.client import WorkerClient
+from RobustMedSAMLib.worker.requests import Request
 from RobustMedSAMLib.worker.inprocess import InProcessClient
 from RobustMedSAMLib.worker.connection import EngineConnection, ModelSpec
 

@@ -11,6 +11,8 @@ own Python (``PythonSlicer``) and talk to it over its standard input/output pipe
   prefetch, propagate, repropagate, segment a volume, robustness check). Runs in the worker (or in-process).
 * :mod:`.server` -- the worker process's loop: a reader thread, one job thread, latest-wins prefetching,
   cancellation, progress (``python -m RobustMedSAMLib.worker``).
+* :mod:`.requests` -- :class:`~.requests.Request` and the errors a request ends with (:class:`~.requests.EngineError`,
+  :class:`~.requests.WorkerDied`, :class:`~.requests.RequestCancelled`), shared by both clients.
 * :mod:`.client` -- :class:`~.client.WorkerClient` (starts the worker, non-blocking ``poll``, restarts it
   after a crash); :mod:`.inprocess` -- :class:`~.inprocess.InProcessClient` (same interface, same handlers,
   no process: batch scripts and tests); :mod:`.connection` -- what a front end keeps of the worker (model

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .client import Request
+from .requests import Request
 from .inprocess import InProcessClient
 
 

@@ -8,11 +8,11 @@ import traceback
 from collections import deque
 from typing import Any, Deque, Dict, Optional
 
-from .client import CANCELLED, ERROR, OK, Request, _BaseClient
+from .requests import CANCELLED, ERROR, OK, BaseClient, Request
 from .protocol import decode_body, frame_bytes
 
 
-class InProcessClient(_BaseClient):
+class InProcessClient(BaseClient):
     """The :class:`WorkerClient` interface over an :class:`~.service.EngineService` in this process.
 
     ``submit`` runs the request at once (in the calling thread; progress callbacks are called as it goes) but,
