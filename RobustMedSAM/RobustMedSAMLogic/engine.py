@@ -9,7 +9,9 @@ when :meth:`EngineSession.poll` (driven by :mod:`.pump`'s Qt timer in Slicer) se
 and tests use the same methods on an in-process client and :meth:`EngineSession.wait`.
 
 Volumes are identified by node *object* (not node ID, which Slicer reuses after a scene close) and the
-state of their voxels and geometry; :meth:`EngineSession.forget_scene` drops them all.
+state of their voxels and geometry; :meth:`EngineSession.forget_scene` drops them all, and
+:meth:`EngineSession.watch_scene` makes that happen on every scene close (whichever of the module and the
+effects is used); a node removed from its scene is dropped on the next volume request.
 """
 from __future__ import annotations
 
@@ -154,6 +156,7 @@ class EngineSession:
         self.pump: Optional[Callable[[], None]] = None  # the Slicer side: starts its poll timer
         self.status: Dict[str, Any] = {}
         self._volumes: Dict[int, _VolumeEntry] = {}
+        self._watched: Dict[int, Tuple[Any, int]] = {}  # id(scene) -> (scene, StartCloseEvent observer tag)
 
     @property
     def client(self):
@@ -208,6 +211,7 @@ class EngineSession:
         self.status = {}
 
     def close(self) -> None:
+        self.unwatch_scenes()
         self.forget_scene()
         self.connection.close()
 
@@ -218,7 +222,9 @@ class EngineSession:
         return (image, image.GetMTime() if image is not None else 0, volumes.ijk_to_ras(volume_node).tobytes())
 
     def volume_key(self, volume_node) -> str:
-        """The engine's key of this volume node's voxels (sent once; again after they change)."""
+        """The engine's key of this volume node's voxels (sent once; again after they change). Entries of
+        nodes that have left their scene are dropped first."""
+        self._drop_removed()
         entry = self._volumes.get(id(volume_node))
         state = self._state(volume_node)
         if entry is not None and entry.node is volume_node and entry.state == state:
@@ -230,11 +236,30 @@ class EngineSession:
         self._volumes[id(volume_node)] = _VolumeEntry(volume_node, state, key)
         return key
 
-    def forget_scene(self) -> None:
-        """Drop every volume (scene closed: node objects and IDs are no longer valid)."""
+    def _drop_removed(self) -> None:
+        for node_id, entry in list(self._volumes.items()):
+            if entry.node.GetScene() is None:  # removed from its scene: its voxels are of no further use
+                self.connection.drop_volume(entry.key)
+                del self._volumes[node_id]
+
+    def forget_scene(self, caller=None, event=None) -> None:
+        """Drop every volume (scene closed: node objects and IDs are no longer valid). The node objects,
+        their voxel files and the engine's copies are released."""
         for entry in self._volumes.values():
             self.connection.drop_volume(entry.key)
         self._volumes.clear()
+
+    def watch_scene(self, scene) -> None:
+        """Call :meth:`forget_scene` when ``scene`` starts closing (once per scene; idempotent)."""
+        if scene is None or id(scene) in self._watched:
+            return
+        tag = scene.AddObserver(scene.StartCloseEvent, self.forget_scene)
+        self._watched[id(scene)] = (scene, tag)
+
+    def unwatch_scenes(self) -> None:
+        for scene, tag in self._watched.values():
+            scene.RemoveObserver(tag)
+        self._watched.clear()
 
     @staticmethod
     def mapping(volume_node, intensity: Any = "display"):

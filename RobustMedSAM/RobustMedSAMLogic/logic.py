@@ -103,12 +103,14 @@ class RobustMedSAMBridgeLogic:
             node.EndModify(wasModifying)
 
     def engineSession(self) -> EngineSession:
-        """The engine session configured from the current settings."""
+        """The engine session configured from the current settings; it forgets this scene's volumes when
+        the scene closes (also when only the effects are used and the module panel was never opened)."""
         choice = self.settings().model_choice()
         if self.engine is None:
             self.engine = shared_session(choice)
         else:
             self.engine.configure(choice)
+        self.engine.watch_scene(self.scene)
         return self.engine
 
     # nodes ---------------------------------------------------------------------------------------
