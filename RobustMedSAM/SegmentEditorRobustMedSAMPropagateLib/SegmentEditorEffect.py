@@ -36,6 +36,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.preview = None
         self.active = False
         self._sceneObserver = None
+        self.plotTable = self.plotChart = None  # "Show predicted IoU per slice" nodes, reused
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -333,9 +334,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if result is None:
             return
         logic = self._logic()
-        table = logic.iouTable({"segment": result})
-        chart = logic.iouPlot(table)
-        slicer.modules.plots.logic().ShowChartInLayout(chart)
+        live = lambda node: node if node is not None and node.GetScene() is not None else None  # noqa: E731
+        self.plotTable = logic.iouTable({"segment": result}, live(self.plotTable))  # one table and chart, reused
+        self.plotChart = logic.iouPlot(self.plotTable, live(self.plotChart))
+        slicer.modules.plots.logic().ShowChartInLayout(self.plotChart)
 
     def _updateButtons(self):
         if not hasattr(self, "applyButton"):
