@@ -318,8 +318,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def onApply(self):
         if self.session is None or self.session.result is None:
             return
+        # a hidden segment: Slicer asks whether to show it; Cancel (NotConfirmed = 0) keeps the result unwritten
+        if not self.scriptedEffect.confirmCurrentSegmentVisible():
+            return
         try:
-            self.scriptedEffect.confirmCurrentSegmentVisible()
             self.session.apply()
             self._status("applied (Undo reverts the whole propagation)")
         except Exception as e:
