@@ -395,3 +395,54 @@ def test_propagate_apply_respects_the_hidden_segment_dialog(editor):
     se.undo()
     np.testing.assert_array_equal(segment(seg, sid, vol), before)
     effect.cleanup()
+
+
+class _HeldRequest:
+    """A run the test answers by hand: progress and the reply come when the test says."""
+
+    def __init__(self, on_progress, on_done):
+        self.on_progress, self.on_done = on_progress, on_done
+        self.finished, self.status, self.result, self.error = False, "pending", None, None
+        self.cancelled = False
+
+    @property
+    def ok(self):
+        return self.status == "ok"
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def test_propagate_progress_after_cancel_is_ignored(editor, monkeypatch):
+    """The engine keeps reporting progress of a cancelled run until its reply arrives; the status must keep
+    saying that the run was cancelled, and the hidden progress bar must stay hidden."""
+    import RobustMedSAMLogic.propagation as propagation
+
+    scene, vol, seg, sid, engine = editor
+    seed_slice(seg, sid, vol)
+    held = []
+
+    def runner(plan, options, on_progress=None, on_done=None):
+        held.append(_HeldRequest(on_progress, on_done))
+        return held[-1]
+
+    monkeypatch.setattr(propagation, "engine_runner", lambda engine, volume, intensity="display": runner)
+    effect = make_effect(PROPAGATE_LIB, FakeScriptedEffect(scene, seg, vol, sid))
+    effect.activate()
+    effect.onPropagate()
+    held[0].on_progress(1, 6, "slice 1 of 6")
+    assert effect.progressBar.visible and effect.progressBar.value == 1
+    effect.onCancel()
+    assert held[0].cancelled and not effect.progressBar.visible
+    status = effect.statusLabel.text
+    assert "cancelled" in status
+    held[0].on_progress(2, 6, "slice 2 of 6")  # still on its way from the engine
+    assert effect.statusLabel.text == status and not effect.progressBar.visible and effect.progressBar.value == 1
+    effect.onPropagate()  # a new run: its own progress is shown
+    held[1].on_progress(3, 6, "slice 3 of 6")
+    assert effect.statusLabel.text == "slice 3 of 6" and effect.progressBar.value == 3
+    held[0].on_progress(4, 6, "slice 4 of 6")  # the old run must not move the new run's bar
+    assert effect.progressBar.value == 3
+    effect.deactivate()
+    held[1].on_progress(5, 6, "slice 5 of 6")  # after leaving the effect
+    assert effect.progressBar.value == 3

@@ -270,6 +270,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         session = self.session
 
         def progress(done, total, message):
+            if not self.active or session is not self.session:  # (the session drops cancelled runs' progress)
+                return
             if total:
                 self.progressBar.maximum = int(total)
                 self.progressBar.value = int(done)
