@@ -107,6 +107,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.connect(signal, self.updateParameterNodeFromGUI)
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
         self.ui.markupsSelector.connect("checkedNodesChanged()", self.updateButtons)
+        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)  # Undo
         self.ui.downloadButton.connect("clicked(bool)", self.onDownload)
         self.ui.cancelDownloadButton.connect("clicked(bool)", self.onCancelTask)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelTask)
