@@ -40,6 +40,7 @@ setParameterDefault setParameterSetNode sliceSpacing sourceVolumeImageData viewN
 xyzToRas name title perSegment requireSegments showEffectCursorInSliceView showEffectCursorInThreeDView
 """.split())
 NOT_CONFIRMED, CONFIRMED_WITHOUT_DIALOG, CONFIRMED_WITH_DIALOG = 0, 1, 2  # ConfirmationResult enum order
+LIVE_EFFECTS: list = []  # FakeScriptedEffects to close at the end of a test
 
 
 # ------------------------------------------------------------------------------------------------ qt
@@ -156,6 +157,13 @@ class FakeScriptedEffect:
         self._logic.SetMRMLScene(scene)
         self._logic.SetSegmentEditorNode(node)
         self._logic.SetMaximumNumberOfUndoStates(10)
+        LIVE_EFFECTS.append(self)
+
+    def close(self):
+        """Detach Slicer's logic from the nodes and the scene (the fixture does it while they exist, so
+        nothing of a test is left for a later garbage collection)."""
+        self._logic.SetSegmentEditorNode(None)
+        self._logic.SetMRMLScene(None)
 
     _OWN = {"confirm", "_params", "_node", "_logic"}
 
@@ -314,7 +322,12 @@ def editor(monkeypatch, tiny_model):
     engine = engine_module.EngineSession(loaded=tiny_model)
     engine_module.set_shared_session(engine)
     yield scene, vol, seg, sid, engine
+    import gc
+
     engine_module.set_shared_session(None)
+    while LIVE_EFFECTS:
+        LIVE_EFFECTS.pop().close()
+    gc.collect()  # the effects' reference cycles go while their scene is alive
     del logics
 
 
@@ -446,3 +459,4 @@ def test_propagate_progress_after_cancel_is_ignored(editor, monkeypatch):
     effect.deactivate()
     held[1].on_progress(5, 6, "slice 5 of 6")  # after leaving the effect
     assert effect.progressBar.value == 3
+    effect.cleanup()  # removes its scene observer (Slicer >= 5.10 calls this)

@@ -130,7 +130,7 @@ def test_python_39_syntax_and_gui_free_bridge():
     # no qt/ctk (GUI-free; pump.py imports qt inside its class only), no torch, no threads (they starve in Slicer)
     allowed = {"slicer", "vtk", "numpy", "RobustMedSAMLib", "__future__", "typing", "dataclasses", "pathlib",
                "time", "math", "json", "re", "types", "importlib", "shutil", "sys", "os", "logging",
-               "contextlib"}
+               "contextlib", "weakref"}
     for py in (MODULE_DIR / "RobustMedSAMLogic").glob("*.py"):
         for node in ast.parse(py.read_text()).body:  # module-level imports only (torch is imported lazily)
             if isinstance(node, ast.Import):

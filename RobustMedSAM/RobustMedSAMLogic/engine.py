@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
@@ -156,7 +157,7 @@ class EngineSession:
         self.pump: Optional[Callable[[], None]] = None  # the Slicer side: starts its poll timer
         self.status: Dict[str, Any] = {}
         self._volumes: Dict[int, _VolumeEntry] = {}
-        self._watched: Dict[int, Tuple[Any, int]] = {}  # id(scene) -> (scene, StartCloseEvent observer tag)
+        self._watched: Dict[int, Tuple[Any, int]] = {}  # id(scene) -> (weakref to it, StartCloseEvent tag)
 
     @property
     def client(self):
@@ -242,7 +243,7 @@ class EngineSession:
                 self.connection.drop_volume(entry.key)
                 del self._volumes[node_id]
 
-    def forget_scene(self, caller=None, event=None) -> None:
+    def forget_scene(self) -> None:
         """Drop every volume (scene closed: node objects and IDs are no longer valid). The node objects,
         their voxel files and the engine's copies are released."""
         for entry in self._volumes.values():
@@ -250,15 +251,27 @@ class EngineSession:
         self._volumes.clear()
 
     def watch_scene(self, scene) -> None:
-        """Call :meth:`forget_scene` when ``scene`` starts closing (once per scene; idempotent)."""
-        if scene is None or id(scene) in self._watched:
+        """Call :meth:`forget_scene` when ``scene`` starts closing (once per scene; idempotent). Neither
+        keeps the other alive: the observer holds the session weakly, the session the scene weakly."""
+        if scene is None:
             return
-        tag = scene.AddObserver(scene.StartCloseEvent, self.forget_scene)
-        self._watched[id(scene)] = (scene, tag)
+        entry = self._watched.get(id(scene))
+        if entry is not None and entry[0]() is scene:
+            return
+        session = weakref.ref(self)
+
+        def closing(caller, event) -> None:
+            alive = session()
+            if alive is not None:
+                alive.forget_scene()
+
+        self._watched[id(scene)] = (weakref.ref(scene), scene.AddObserver(scene.StartCloseEvent, closing))
 
     def unwatch_scenes(self) -> None:
-        for scene, tag in self._watched.values():
-            scene.RemoveObserver(tag)
+        for ref, tag in self._watched.values():
+            scene = ref()
+            if scene is not None:
+                scene.RemoveObserver(tag)
         self._watched.clear()
 
     @staticmethod
