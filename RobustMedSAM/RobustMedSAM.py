@@ -10,7 +10,6 @@ dependencies are installed); nothing pops up when the module opens. The engine r
 (``RobustMedSAMLogic.engine``): this process never imports torch, and the panel never waits for the engine.
 Settings live on a plain ``vtkMRMLScriptedModuleNode`` read and written by ``RobustMedSAMLogic.logic.Settings``.
 """
-import logging
 import os
 
 import ctk
@@ -21,6 +20,8 @@ import slicer
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
+
+from RobustMedSAMLogic import panel  # settings <-> widgets, tables and plots (plain Python, no engine)
 
 try:
     from slicer.i18n import tr as _
@@ -69,7 +70,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._updatingGUI = False
-        self.request = None  # the engine request the panel is waiting for
+        self.tracker = None  # the engine request the panel is waiting for (panel.RequestTracker)
         self.chartNode = None
         self.tableNode = None
 
@@ -78,6 +79,10 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/RobustMedSAM.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
+        self.tracker = panel.RequestTracker(
+            self.ui.progressBar, self.ui.statusLabel, self._requestFinished,
+            guard=lambda message: slicer.util.tryWithErrorDisplay(message, waitCursor=True),
+            cancelled_text=_("Cancelled; nothing was changed."))
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = RobustMedSAMLogic()
 
@@ -94,19 +99,10 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
-        for widget, signal in ((self.ui.modelComboBox, "currentIndexChanged(int)"),
-                               (self.ui.deviceComboBox, "currentIndexChanged(int)"),
-                               (self.ui.intensityComboBox, "currentIndexChanged(int)"),
-                               (self.ui.precisionComboBox, "currentIndexChanged(int)"),
-                               (self.ui.axisComboBox, "currentIndexChanged(int)"),
-                               (self.ui.cacheSizeSpinBox, "valueChanged(double)"),
-                               (self.ui.fp16CheckBox, "toggled(bool)"),
-                               (self.ui.propagateCheckBox, "toggled(bool)"),
-                               (self.ui.iouThresholdSliderWidget, "valueChanged(double)"),
-                               (self.ui.checkpointPathLineEdit, "currentPathChanged(QString)")):
-            widget.connect(signal, self.updateParameterNodeFromGUI)
+        panel.connect_settings(self.ui, self.updateParameterNodeFromGUI)
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
         self.ui.markupsSelector.connect("checkedNodesChanged()", self.updateButtons)
+        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)  # Undo
         self.ui.downloadButton.connect("clicked(bool)", self.onDownload)
         self.ui.cancelDownloadButton.connect("clicked(bool)", self.onCancelTask)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelTask)
@@ -156,7 +152,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event):
         """Cancel what runs (its answer would land in the next scene) and forget nodes of this scene."""
         self.onCancelTask()
-        self.request = None
+        self.tracker.forget()
         self.tableNode = self.chartNode = None
         if self.logic is not None:
             self.logic.forgetScene()
@@ -201,16 +197,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingGUI = True
         try:
             s = self.logic.settings(self._parameterNode)
-            self.ui.modelComboBox.currentText = s.model
-            self.ui.checkpointPathLineEdit.currentPath = s.checkpoint
-            self.ui.deviceComboBox.currentText = s.device
-            self.ui.cacheSizeSpinBox.value = s.cacheMB
-            self.ui.fp16CheckBox.checked = s.fp16Cache
-            self.ui.intensityComboBox.currentText = s.intensity
-            self.ui.precisionComboBox.currentText = s.precision
-            self.ui.axisComboBox.currentText = s.axis
-            self.ui.propagateCheckBox.checked = s.propagate
-            self.ui.iouThresholdSliderWidget.value = s.iouThreshold
+            panel.show_settings(self.ui, s)
             self.ui.checkpointPathLineEdit.enabled = s.model == "custom checkpoint"
         finally:
             self._updatingGUI = False
@@ -220,18 +207,8 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateParameterNodeFromGUI(self, *args):
         if self._parameterNode is None or self._updatingGUI:
             return
-        s = self.logic.settings(self._parameterNode)
-        s.model = self.ui.modelComboBox.currentText
-        s.checkpoint = self.ui.checkpointPathLineEdit.currentPath
-        s.device = self.ui.deviceComboBox.currentText
-        s.cacheMB = float(self.ui.cacheSizeSpinBox.value)
-        s.fp16Cache = bool(self.ui.fp16CheckBox.checked)
-        s.intensity = self.ui.intensityComboBox.currentText
-        s.precision = self.ui.precisionComboBox.currentText
-        s.axis = self.ui.axisComboBox.currentText
-        s.propagate = bool(self.ui.propagateCheckBox.checked)
-        s.iouThreshold = float(self.ui.iouThresholdSliderWidget.value)
-        self.logic.setSettings(s, self._parameterNode)
+        self.logic.setSettings(panel.read_settings(self.ui, self.logic.settings(self._parameterNode)),
+                               self._parameterNode)
 
     # status --------------------------------------------------------------------------------------
     def updateStatus(self):
@@ -258,7 +235,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     @property
     def running(self):
-        return self.request is not None and not self.request.finished
+        return self.tracker is not None and self.tracker.running
 
     def updateButtons(self, *args):
         running = self.running
@@ -273,42 +250,13 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # running engine requests ---------------------------------------------------------------------
     def _track(self, request, what, onResult):
-        """Show ``request``'s progress; ``onResult(result)`` runs (GUI thread) if it succeeds. Buttons are
-        restored however it ends, also if ``onResult`` fails."""
-        self.request = request
-        self.ui.progressBar.visible = True
-        self.ui.progressBar.value = 0
-        self.ui.statusLabel.text = what
+        """Show ``request``'s progress; ``onResult(result)`` runs (GUI thread) if it succeeds; buttons are
+        restored however it ends (``panel.RequestTracker``)."""
+        self.tracker.track(request, what, onResult, _("Writing the result failed."))
+        self.updateButtons()
 
-        def progress(r):
-            if r is not self.request:
-                return
-            if r.total:
-                self.ui.progressBar.maximum = int(r.total)
-                self.ui.progressBar.value = int(r.done)
-            self.ui.statusLabel.text = r.message or what
-
-        def done(r):
-            if r is not self.request:
-                return  # cancelled and superseded, or the scene was closed
-            self.request = None
-            try:
-                if r.ok:
-                    with slicer.util.tryWithErrorDisplay(_("Writing the result failed."), waitCursor=True):
-                        onResult(r.result)
-                elif r.status in ("cancelled", "dropped"):
-                    self.ui.statusLabel.text = _("Cancelled; nothing was changed.")
-                else:
-                    logging.error(getattr(r.error, "details", "") or str(r.error))
-                    self.ui.statusLabel.text = str(r.error)  # e.g. the weights how-to message when offline
-            finally:
-                self.ui.progressBar.visible = False
-                self.updateStatus()
-                self.updateButtons()
-
-        request.on_progress, request.on_done = progress, done
-        if request.finished:  # answered already (in-process engine)
-            done(request)
+    def _requestFinished(self):
+        self.updateStatus()
         self.updateButtons()
 
     def onInstall(self):
@@ -376,16 +324,15 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             def show(rows):
                 from RobustMedSAMLib.robustness import worst_conditions
 
-                table = self.logic.robustnessTable(rows)
-                showTable(table)
+                panel.show_table(self.logic.robustnessTable(rows))
                 self.ui.statusLabel.text = "lowest Dice vs clean: " + ", ".join(
                     f"{name} {d:.2f} ({c})" for name, (d, c) in worst_conditions(rows).items())
 
             self._track(request, "checking robustness...", show)
 
     def onCancelTask(self):
-        if self.running:
-            self.request.cancel()
+        if self.tracker is not None:
+            self.tracker.cancel()
 
     def onClearCache(self):
         if self.logic.engine is not None:
@@ -397,7 +344,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """End the engine process: the model and its encodings leave memory."""
         if self.logic.engine is not None:
             self.onCancelTask()
-            self.request = None
+            self.tracker.forget()
             self.logic.engine.unload()
             self.ui.statusLabel.text = _("Engine stopped; its memory was released. The next action starts it again.")
         self.updateStatus()
@@ -412,26 +359,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def showPlot(self, result):
         self.tableNode = self.logic.iouTable(result, self.tableNode)
         self.chartNode = self.logic.iouPlot(self.tableNode, self.chartNode)
-        self.ui.iouPlotWidget.setMRMLPlotViewNode(self._plotViewNode())
-        self._plotViewNode().SetPlotChartNodeID(self.chartNode.GetID())
-
-    def _plotViewNode(self):
-        node = slicer.mrmlScene.GetSingletonNode("RobustMedSAMPlotView", "vtkMRMLPlotViewNode")
-        if node is None:
-            node = slicer.vtkMRMLPlotViewNode()
-            node.SetSingletonTag("RobustMedSAMPlotView")
-            node = slicer.mrmlScene.AddNode(node)
-        return node
-
-
-def showTable(tableNode):
-    """Show a table node in the view layout, switching to a layout with a table view if the current one has
-    none (as the Segment Statistics module does)."""
-    layoutManager = slicer.app.layoutManager()
-    if layoutManager is not None:
-        layoutManager.setLayout(slicer.modules.tables.logic().GetLayoutWithTable(layoutManager.layout))
-    slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(tableNode.GetID())
-    slicer.app.applicationLogic().PropagateTableSelection()
+        panel.show_chart(self.ui.iouPlotWidget, self.chartNode, slicer.mrmlScene)
 
 
 #

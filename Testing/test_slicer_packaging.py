@@ -129,7 +129,8 @@ def test_python_39_syntax_and_gui_free_bridge():
             ast.parse(py.read_text(), filename=str(py), feature_version=(3, 9))
     # no qt/ctk (GUI-free; pump.py imports qt inside its class only), no torch, no threads (they starve in Slicer)
     allowed = {"slicer", "vtk", "numpy", "RobustMedSAMLib", "__future__", "typing", "dataclasses", "pathlib",
-               "time", "math", "json", "re", "types", "importlib", "shutil", "sys", "os", "logging"}
+               "time", "math", "json", "re", "types", "importlib", "shutil", "sys", "os", "logging",
+               "contextlib", "weakref"}
     for py in (MODULE_DIR / "RobustMedSAMLogic").glob("*.py"):
         for node in ast.parse(py.read_text()).body:  # module-level imports only (torch is imported lazily)
             if isinstance(node, ast.Import):
@@ -147,6 +148,13 @@ def test_ui_file_defines_every_widget_the_module_uses():
     names = {w.get("name") for w in root.iter("widget")}
     used = set(re.findall(r"self\.ui\.([A-Za-z0-9_]+)", (MODULE_DIR / "RobustMedSAM.py").read_text()))
     assert used and used <= names, sorted(used - names)
+    sys.path.insert(0, str(MODULE_DIR))
+    try:  # the settings widgets the panel binds by name (RobustMedSAMLogic/panel.py)
+        from RobustMedSAMLogic.panel import SETTINGS_WIDGETS
+    finally:
+        sys.path.remove(str(MODULE_DIR))
+    bound = {widget for _, widget, _, _, _ in SETTINGS_WIDGETS}
+    assert bound <= names, sorted(bound - names)
 
 
 def test_slicer_choices_are_the_engines():

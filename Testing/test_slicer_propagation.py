@@ -229,6 +229,11 @@ def test_segment_volume_logic_parameters_iou_plot(tiny_model):
     chart = logic.iouPlot(table)
     assert chart.GetNumberOfPlotSeriesNodes() == 2
     assert chart.GetNthPlotSeriesNode(0).GetYColumnName() == "bright predicted IoU"
+    # each Apply re-plots into the same table and chart: the old series leave the scene
+    for _ in range(3):
+        assert logic.iouPlot(logic.iouTable(result, table), chart) is chart
+    assert chart.GetNumberOfPlotSeriesNodes() == 2
+    assert scene.GetNumberOfNodesByClass("vtkMRMLPlotSeriesNode") == 2
     # the whole run (new segments and their voxels) is one undo step
     assert logic.undo(seg)
     assert seg.GetSegmentation().GetNumberOfSegments() == 0

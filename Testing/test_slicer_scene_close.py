@@ -87,6 +87,35 @@ def test_engine_volumes_follow_node_objects_and_voxels(scene, tiny_model):
     assert engine.status["volumes"] == []  # dropped in the engine too
 
 
+def test_scene_close_releases_engine_volumes_when_only_the_effects_are_used(scene, tiny_model):
+    """The effects reach the engine through ``RobustMedSAMBridgeLogic.engineSession()``; the module panel
+    (whose StartCloseEvent handler also forgets the scene) may never have been opened. Closing the scene must
+    still release the closed scene's volume nodes, their voxel copies and the engine's volumes; a volume node
+    removed from the scene is released on the next request."""
+    import weakref
+
+    engine = EngineSession(loaded=tiny_model)
+    assert RobustMedSAMBridgeLogic(scene, engine).engineSession() is engine  # what each effect does
+    vol, _ = add_nodes(scene)
+    engine.wait(engine.predict(vol, 0, 1, Prompt(box=[10, 8, 30, 24]), intensity="auto"))
+    assert len(engine.client.service.volumes) == 1
+    image = weakref.ref(vol.GetImageData())
+    del vol
+    scene.Clear(0)  # File > Close scene; nobody calls forget_scene by hand
+    assert engine._volumes == {}
+    assert image() is None  # the closed scene's voxels are not kept alive by the engine session
+    engine.wait(engine.refresh_status())
+    assert engine.status["volumes"] == []
+    vol2, _ = add_nodes(scene)
+    other, _ = add_nodes(scene)
+    for node in (vol2, other):
+        engine.wait(engine.predict(node, 0, 1, Prompt(box=[10, 8, 30, 24]), intensity="auto"))
+    scene.RemoveNode(other)
+    engine.wait(engine.predict(vol2, 0, 2, Prompt(box=[10, 8, 30, 24]), intensity="auto"))
+    assert [e.node for e in engine._volumes.values()] == [vol2]
+    assert list(engine.client.service.volumes) == [engine.volume_key(vol2)]
+
+
 class StandIn:
     def __init__(self, shape=(4, 32, 40)):
         self.num_slices, self.slice_shape = shape[0], shape[1:]

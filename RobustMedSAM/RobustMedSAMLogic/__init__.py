@@ -19,8 +19,10 @@ Modules:
 * :mod:`.propagation` -- the propagate effect's session (seeds from a segment, repropagation, apply).
 * :mod:`.logic` -- :class:`~.logic.RobustMedSAMBridgeLogic`: parameters, ``segmentVolume``/``process``, IoU
   table and plot; the batch script and the module's Logic use it.
+* :mod:`.panel` -- the module panel's Qt-free plumbing: settings <-> widgets, the running-request tracker,
+  tables and plots in the layout.
 * :mod:`.headless` -- the MRML scene set-up that makes segments work without the Slicer application.
 * :mod:`.dependencies` -- which Python requirements are missing, and installing them inside Slicer.
 """
 __all__ = ["volumes", "segments", "markups", "engine", "pump", "interaction", "propagation", "logic",
-           "headless", "dependencies"]
+           "panel", "headless", "dependencies"]

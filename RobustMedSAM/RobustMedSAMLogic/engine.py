@@ -9,12 +9,15 @@ when :meth:`EngineSession.poll` (driven by :mod:`.pump`'s Qt timer in Slicer) se
 and tests use the same methods on an in-process client and :meth:`EngineSession.wait`.
 
 Volumes are identified by node *object* (not node ID, which Slicer reuses after a scene close) and the
-state of their voxels and geometry; :meth:`EngineSession.forget_scene` drops them all.
+state of their voxels and geometry; :meth:`EngineSession.forget_scene` drops them all, and
+:meth:`EngineSession.watch_scene` makes that happen on every scene close (whichever of the module and the
+effects is used); a node removed from its scene is dropped on the next volume request.
 """
 from __future__ import annotations
 
 import shutil
 import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
@@ -155,6 +158,7 @@ class EngineSession:
         self.pump: Optional[Callable[[], None]] = None  # the Slicer side: starts its poll timer
         self.status: Dict[str, Any] = {}
         self._volumes: Dict[int, _VolumeEntry] = {}
+        self._watched: Dict[int, Tuple[Any, int]] = {}  # id(scene) -> (weakref to it, StartCloseEvent tag)
 
     @property
     def client(self):
@@ -209,6 +213,7 @@ class EngineSession:
         self.status = {}
 
     def close(self) -> None:
+        self.unwatch_scenes()
         self.forget_scene()
         self.connection.close()
 
@@ -219,7 +224,9 @@ class EngineSession:
         return (image, image.GetMTime() if image is not None else 0, volumes.ijk_to_ras(volume_node).tobytes())
 
     def volume_key(self, volume_node) -> str:
-        """The engine's key of this volume node's voxels (sent once; again after they change)."""
+        """The engine's key of this volume node's voxels (sent once; again after they change). Entries of
+        nodes that have left their scene are dropped first."""
+        self._drop_removed()
         entry = self._volumes.get(id(volume_node))
         state = self._state(volume_node)
         if entry is not None and entry.node is volume_node and entry.state == state:
@@ -231,11 +238,42 @@ class EngineSession:
         self._volumes[id(volume_node)] = _VolumeEntry(volume_node, state, key)
         return key
 
+    def _drop_removed(self) -> None:
+        for node_id, entry in list(self._volumes.items()):
+            if entry.node.GetScene() is None:  # removed from its scene: its voxels are of no further use
+                self.connection.drop_volume(entry.key)
+                del self._volumes[node_id]
+
     def forget_scene(self) -> None:
-        """Drop every volume (scene closed: node objects and IDs are no longer valid)."""
+        """Drop every volume (scene closed: node objects and IDs are no longer valid). The node objects,
+        their voxel files and the engine's copies are released."""
         for entry in self._volumes.values():
             self.connection.drop_volume(entry.key)
         self._volumes.clear()
+
+    def watch_scene(self, scene) -> None:
+        """Call :meth:`forget_scene` when ``scene`` starts closing (once per scene; idempotent). Neither
+        keeps the other alive: the observer holds the session weakly, the session the scene weakly."""
+        if scene is None:
+            return
+        entry = self._watched.get(id(scene))
+        if entry is not None and entry[0]() is scene:
+            return
+        session = weakref.ref(self)
+
+        def closing(caller, event) -> None:
+            alive = session()
+            if alive is not None:
+                alive.forget_scene()
+
+        self._watched[id(scene)] = (weakref.ref(scene), scene.AddObserver(scene.StartCloseEvent, closing))
+
+    def unwatch_scenes(self) -> None:
+        for ref, tag in self._watched.values():
+            scene = ref()
+            if scene is not None:
+                scene.RemoveObserver(tag)
+        self._watched.clear()
 
     @staticmethod
     def mapping(volume_node, intensity: Any = "display"):

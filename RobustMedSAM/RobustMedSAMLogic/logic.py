@@ -17,6 +17,7 @@ from . import segments, volumes
 from .engine import EngineSession, ModelChoice, shared_session  # noqa: F401 (ModelChoice re-exported)
 
 PARAMETER_TAG = "RobustMedSAM"
+IOU_SERIES_ATTRIBUTE = "RobustMedSAM.IoUSeries"  # marks the plot series nodes :meth:`iouPlot` made
 
 
 @dataclass
@@ -103,12 +104,14 @@ class RobustMedSAMBridgeLogic:
             node.EndModify(wasModifying)
 
     def engineSession(self) -> EngineSession:
-        """The engine session configured from the current settings."""
+        """The engine session configured from the current settings; it forgets this scene's volumes when
+        the scene closes (also when only the effects are used and the module panel was never opened)."""
         choice = self.settings().model_choice()
         if self.engine is None:
             self.engine = shared_session(choice)
         else:
             self.engine.configure(choice)
+        self.engine.watch_scene(self.scene)
         return self.engine
 
     # nodes ---------------------------------------------------------------------------------------
@@ -343,16 +346,22 @@ class RobustMedSAMBridgeLogic:
         return tableNode
 
     def iouPlot(self, tableNode, chartNode=None, name: str = "RobustMedSAM IoU"):
-        """A ``vtkMRMLPlotChartNode`` plotting each ``* predicted IoU`` column of :meth:`iouTable` per slice."""
+        """A ``vtkMRMLPlotChartNode`` plotting each ``* predicted IoU`` column of :meth:`iouTable` per slice.
+        Re-plotting into ``chartNode`` replaces the series nodes made here before (removed from the scene)."""
         if chartNode is None:
             chartNode = self.scene.AddNewNodeByClass("vtkMRMLPlotChartNode", name)
+        old = [chartNode.GetNthPlotSeriesNode(n) for n in range(chartNode.GetNumberOfPlotSeriesNodes())]
         chartNode.RemoveAllPlotSeriesNodeIDs()
+        for series in old:
+            if series is not None and series.GetAttribute(IOU_SERIES_ATTRIBUTE) and series.GetScene() is not None:
+                series.GetScene().RemoveNode(series)
         table = tableNode.GetTable()
         for n in range(1, table.GetNumberOfColumns()):
             column = table.GetColumnName(n)
             if not column.endswith("predicted IoU"):
                 continue
             series = self.scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", column)
+            series.SetAttribute(IOU_SERIES_ATTRIBUTE, "1")
             series.SetAndObserveTableNodeID(tableNode.GetID())
             series.SetXColumnName("slice")
             series.SetYColumnName(column)

@@ -187,11 +187,17 @@ class PropagationSession:
         return self.request is not None and not self.request.finished
 
     def start(self, plan: PropagationPlan, on_progress=None, on_done=None):
-        """Run ``plan`` (any earlier run and unapplied result are dropped); ``on_done(request)`` is called
-        when it ends, unless it was cancelled or superseded before; nothing is shown or written here."""
+        """Run ``plan`` (any earlier run and unapplied result are dropped); ``on_progress(done, total,
+        message)`` and ``on_done(request)`` are called while it is the current run (not after it was
+        cancelled or superseded: the engine keeps reporting until its reply arrives); nothing is shown or
+        written here."""
         self.cancel()
         self._run += 1
         run, options = self._run, self.options
+
+        def progress(done, total, message) -> None:
+            if run == self._run and on_progress is not None:
+                on_progress(done, total, message)
 
         def done(request) -> None:
             if run != self._run:
@@ -202,7 +208,7 @@ class PropagationSession:
             if on_done is not None:
                 on_done(request)
 
-        request = self.runner(plan, options, on_progress, done)
+        request = self.runner(plan, options, progress, done)
         if run == self._run and not request.finished:
             self.request = request
         return request

@@ -254,7 +254,6 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             segmentID = psn.GetSelectedSegmentID()
             if not segmentID:
                 raise ValueError("select a segment first")
-            self.scriptedEffect.confirmCurrentSegmentVisible()
             self.writer.replace_slice(segmentID, axis, index, mask)
 
         def prefetch(axis, index):
@@ -285,7 +284,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._updatePromptActors()
 
     def onApply(self):
-        if self.session is None:
+        if self.session is None or not self.session.can_apply:
+            return
+        # a hidden segment: Slicer asks whether to show it; Cancel (NotConfirmed = 0) keeps the preview unwritten
+        if not self.scriptedEffect.confirmCurrentSegmentVisible():
             return
         try:
             self.session.apply()

@@ -36,6 +36,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.preview = None
         self.active = False
         self._sceneObserver = None
+        self.plotTable = self.plotChart = None  # "Show predicted IoU per slice" nodes, reused
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -269,6 +270,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         session = self.session
 
         def progress(done, total, message):
+            if not self.active or session is not self.session:  # (the session drops cancelled runs' progress)
+                return
             if total:
                 self.progressBar.maximum = int(total)
                 self.progressBar.value = int(done)
@@ -317,8 +320,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def onApply(self):
         if self.session is None or self.session.result is None:
             return
+        # a hidden segment: Slicer asks whether to show it; Cancel (NotConfirmed = 0) keeps the result unwritten
+        if not self.scriptedEffect.confirmCurrentSegmentVisible():
+            return
         try:
-            self.scriptedEffect.confirmCurrentSegmentVisible()
             self.session.apply()
             self._status("applied (Undo reverts the whole propagation)")
         except Exception as e:
@@ -333,9 +338,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if result is None:
             return
         logic = self._logic()
-        table = logic.iouTable({"segment": result})
-        chart = logic.iouPlot(table)
-        slicer.modules.plots.logic().ShowChartInLayout(chart)
+        live = lambda node: node if node is not None and node.GetScene() is not None else None  # noqa: E731
+        self.plotTable = logic.iouTable({"segment": result}, live(self.plotTable))  # one table and chart, reused
+        self.plotChart = logic.iouPlot(self.plotTable, live(self.plotChart))
+        slicer.modules.plots.logic().ShowChartInLayout(self.plotChart)
 
     def _updateButtons(self):
         if not hasattr(self, "applyButton"):
