@@ -238,6 +238,29 @@ def test_worker_unload_returns_its_memory_and_the_next_request_starts_a_new_one(
     conn.close()
 
 
+@pytest.mark.skipif(os.name == "nt", reason="a shell script as the worker's Python")
+def test_worker_unload_from_the_gui_waits_at_most_its_grace_for_a_busy_worker(tmp_path):
+    """"Unload model" runs in Slicer's GUI thread. A worker busy in what cannot be interrupted (one encoding,
+    here a worker that never answers) is killed after ``UNLOAD_GRACE_S``; the GUI does not wait the 30 s a
+    script may."""
+    sys.path.insert(0, str(REPO / "RobustMedSAM"))
+    from RobustMedSAMLogic.engine import UNLOAD_GRACE_S, EngineSession, ModelChoice
+
+    python = tmp_path / "python-that-never-answers"
+    python.write_text("#!/bin/sh\nexec sleep 60\n")
+    python.chmod(0o755)
+    engine = EngineSession(ModelChoice(model="tiny"), client=WorkerClient(str(python), log_dir=tmp_path))
+    request = engine.connection.request("hello")
+    process = engine.client.process
+    start = time.monotonic()
+    engine.unload()
+    took = time.monotonic() - start
+    assert took < UNLOAD_GRACE_S + 1.0, f"unload held the GUI {took:.1f} s"
+    assert process.returncode == -signal.SIGKILL and not engine.client.alive
+    assert request.finished and isinstance(request.error, WorkerDied)
+    engine.close()
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_worker_killed_mid_propagation_leaves_the_segment_voxel_identical(tmp_path):
     """Through the Slicer bridge on slicer-core: Propagate, the engine process is killed, one clear message,

@@ -38,6 +38,9 @@ CUSTOM_CHECKPOINT = "custom checkpoint"
 INTENSITY_CHOICES = ("display", "auto", "wide", "soft_tissue", "lung", "bone", "brain", "MR")
 #: numerical precision choices (``RobustMedSAMLib.precision.PRECISIONS``, which imports torch: not here)
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
+# "Unload model" waits this long in the GUI thread for the worker to exit, then kills it: an idle worker exits
+# in milliseconds, a busy one stops between slices, but an encoding in flight cannot be interrupted
+UNLOAD_GRACE_S = 1.0
 
 
 def model_names() -> Tuple[str, ...]:
@@ -208,8 +211,9 @@ class EngineSession:
         return self.connection.request("clear_cache")
 
     def unload(self) -> None:
-        """End the engine process: its memory (model, cache) goes back to the system."""
-        self.connection.unload()
+        """End the engine process: its memory (model, cache) goes back to the system. Blocks the GUI for at
+        most :data:`UNLOAD_GRACE_S` seconds (then the worker is killed)."""
+        self.connection.unload(UNLOAD_GRACE_S)
         self.status = {}
 
     def close(self) -> None:

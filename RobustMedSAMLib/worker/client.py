@@ -280,18 +280,24 @@ class WorkerClient(BaseClient):
         return request
 
     def unload(self, timeout: float = 30.0) -> bool:
-        """Ask the worker to exit (its memory goes back to the system); True once it has."""
+        """Ask the worker to exit (its memory goes back to the system); True once it has.
+
+        The worker cancels what runs and exits at once when idle or between slices; one encoding in flight
+        cannot be interrupted, so after ``timeout`` seconds in all the process is killed (the encoding cache
+        and downloads are written atomically or resumable: nothing is left half-written).
+        """
         process = self.process
         if process is None or process.poll() is not None:
             if process is not None:
                 self.poll()
             return True
+        deadline = time.monotonic() + timeout
         try:
             self.wait(self.submit("unload"), timeout)
         except TimeoutError:
             pass
         try:
-            process.wait(timeout)
+            process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

@@ -215,10 +215,11 @@ class EngineConnection:
         """Blocking :meth:`request` (scripts, tests): the result, or the engine's error raised."""
         return self.wait(self.request(kind, volume, **fields), timeout).value()
 
-    def unload(self) -> None:
-        """End the worker (its memory goes back to the system); the next request starts a new one."""
+    def unload(self, timeout: float = 30.0) -> None:
+        """End the worker (its memory goes back to the system); the next request starts a new one. A worker
+        still busy after ``timeout`` seconds is killed."""
         self._wanted, self._last_prefetch = None, None
-        self.client.unload()
+        self.client.unload(timeout)
         self._load_generation, self._load_spec = None, None
 
     def close(self) -> None:
