@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "RobustMedSAM"))
 
-from RobustMedSAMLib.worker.client import EngineError, Request  # noqa: E402
+from RobustMedSAMLib.worker.requests import EngineError, Request  # noqa: E402
 from RobustMedSAMLogic import panel  # noqa: E402
 from RobustMedSAMLogic.logic import Settings  # noqa: E402
 

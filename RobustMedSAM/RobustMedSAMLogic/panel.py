@@ -50,7 +50,7 @@ def connect_settings(ui, slot: Callable) -> None:
 
 
 class RequestTracker:
-    """The panel's running engine request (``RobustMedSAMLib.worker.client.Request``).
+    """The panel's running engine request (``RobustMedSAMLib.worker.requests.Request``).
 
     :meth:`track` shows its progress in ``progress_bar`` / ``status_label`` and runs ``on_result(result)``
     (GUI thread, inside ``guard(message)``: Slicer's ``tryWithErrorDisplay``) if it succeeds; ``finished()``
