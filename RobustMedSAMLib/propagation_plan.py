@@ -148,6 +148,9 @@ def make_plan(seed_order: Sequence[int], empty: Mapping[int, bool], opts: Option
     the gaps from bottom to top."""
     z0, z1 = seed_order[0], seed_order[-1]
     common = (opts.projection.key, opts.box_extension)
+    # micro-sam fills gaps without stopping (only the rule's name matters); the consistency rule judges
+    # every gap slice, so its thresholds are part of what a gap depends on
+    gap_rule = (opts.rule.name,) if opts.rule.name == "micro-sam" else opts.rule.key
     plan = []
     for kind, seed, flag, limit in (("lower", z0, opts.stop_lower, opts.lo), ("upper", z1, opts.stop_upper, opts.hi)):
         if flag:
@@ -170,5 +173,5 @@ def make_plan(seed_order: Sequence[int], empty: Mapping[int, bool], opts: Option
             mode = "from_lower"
         else:
             mode = "both"
-        plan.append(Segment("gap", a, b, mode, ("gap", a, b, mode) + common))
+        plan.append(Segment("gap", a, b, mode, ("gap", a, b, mode, gap_rule) + common))
     return plan

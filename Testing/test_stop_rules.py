@@ -114,3 +114,21 @@ def test_rule_options_and_errors():
     assert verdict(StopRule(), empty, {"iou": 0.0, "growth": 0.0}) == "empty_prediction"
     full = np.ones((4, 4), bool)
     assert verdict(StopRule(), full, {"iou": 0.9, "growth": 1.0}) is None  # nothing else measured: accepted
+
+
+def test_repropagate_recomputes_gaps_when_the_rule_changes():
+    """A gap filled by micro-sam's rule (no stopping) must be walked again when repropagate switches to the
+    consistency rule (or changes its thresholds): slices 5-6 are another structure."""
+    grey = [200] * 5 + [50, 50] + [200] * 5
+    seg = Squares(grey)
+    seeds = {2: seg.mask(2), 9: seg.mask(9)}
+    first = propagate(seg, seeds, stop_rule="micro-sam")
+    assert sorted(first.slices) == list(range(12))
+    again = repropagate(seg, first, 11, seg.mask(11), stop_rule="consistency")
+    fresh = propagate(seg, {**seeds, 11: seg.mask(11)}, stop_rule="consistency")
+    assert sorted(fresh.slices) == [0, 1, 2, 3, 4, 7, 8, 9, 10, 11]
+    np.testing.assert_array_equal(again.masks, fresh.masks)
+    assert sorted(again.slices) == sorted(fresh.slices) and again.gap_stops == fresh.gap_stops
+    # a threshold change of the consistency rule also reaches the gap
+    loose = repropagate(seg, fresh, 11, seg.mask(11), stop_rule={"name": "consistency", "min_intensity_fraction": 0})
+    assert sorted(loose.slices) == list(range(12))
