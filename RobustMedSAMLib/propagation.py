@@ -80,7 +80,8 @@ def propagate(segmenter: SliceSegmenter, seeds: Mapping[int, np.ndarray], *, iou
             next to that seed is filled from the other side only (micro-sam's stop slices).
         slice_range: inclusive ``(first, last)`` slice limits for extrapolation; seeds must lie inside.
         progress: called as ``progress(done, estimated_total, index)`` after each predicted slice;
-            ``estimated_total`` shrinks when a direction stops early and equals ``done`` at the end.
+            ``estimated_total`` shrinks when a direction stops early (and grows when the consistency rule
+            walks a gap back from its other seed) and equals ``done`` at the end.
         cancel: polled before each prediction; returning True raises :class:`PropagationCancelled`.
         stop_rule: ``"consistency"`` (default) or ``"micro-sam"``, or a dict / :class:`StopRule` with
             thresholds (:mod:`RobustMedSAMLib.stop_rules`).

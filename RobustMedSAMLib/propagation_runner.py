@@ -153,6 +153,9 @@ class Runner:
         if stop is None:
             return
         if seg.mode == "both":
+            # the first walk took the slices beyond its rejection off the estimate; the walk back predicts
+            # them, and the rejected slice again
+            self.total += abs((other - step) - (reached + step)) + 1
             _, back = self._walk(other, reached + step, -step, "interpolated")
             if back is None:
                 return  # the other side filled what was left

@@ -132,3 +132,14 @@ def test_repropagate_recomputes_gaps_when_the_rule_changes():
     # a threshold change of the consistency rule also reaches the gap
     loose = repropagate(seg, fresh, 11, seg.mask(11), stop_rule={"name": "consistency", "min_intensity_fraction": 0})
     assert sorted(loose.slices) == list(range(12))
+
+
+def test_progress_ends_at_its_total_when_a_gap_is_walked_back():
+    """The consistency rule walks a gap from the larger seed, and back from the other where it stops: the
+    progress estimate must end equal to the slices predicted (it used to end at 10 of 6)."""
+    seg = Squares([200] * 5 + [50, 50] + [200] * 5)
+    calls = []
+    res = propagate(seg, {2: seg.mask(2), 9: seg.mask(9)}, progress=lambda *a: calls.append(a))
+    assert [c[0] for c in calls] == list(range(1, len(res.predicted) + 1))
+    assert calls[-1][0] == calls[-1][1] == len(res.predicted) == 10
+    assert all(c[0] <= c[1] for c in calls)
