@@ -112,3 +112,19 @@ def test_litemedsam_style_frame_boxes_and_area_resize():
     logits[..., :128, :64] = 1.0
     back = f.logits_to_image(logits)
     assert tuple(back.shape) == (1, 1, 40, 20) and float(back[0, 0, :19, :9].min()) == pytest.approx(1.0)
+
+
+def test_litemedsam_area_resize_rounds_a_2x_shrink_as_cv2():
+    """cv2.INTER_AREA's 2 x 2 fast path (a 512 x 512 CT slice -> 256, the official recipe's commonest case)
+    computes ``(a + b + c + d + 2) >> 2``: halves round up, not to even (checked against
+    opencv-python-headless 4.14: block [[2, 3], [2, 3]] -> 3). Other factors keep cv2's round-half-even."""
+    from RobustMedSAMLib.preprocess import area_resize_uint8
+
+    block = np.repeat(np.array([[2, 3], [2, 3]], np.uint8)[:, :, None], 3, axis=2)
+    assert area_resize_uint8(block, (1, 1)).tolist() == [[[3, 3, 3]]]
+    img = np.random.default_rng(0).integers(0, 256, (512, 400, 3), dtype=np.uint8)
+    blocks = img.astype(np.int64).reshape(256, 2, 200, 2, 3).sum(axis=(1, 3))
+    np.testing.assert_array_equal(area_resize_uint8(img, (256, 200)), (blocks + 2) >> 2)
+    # a 4 x 4 block mean of 2.5 (not the 2 x 2 path) stays round-half-even, as cv2's generic integer path
+    quad = np.repeat(np.array([[2, 3, 2, 3]] * 4, np.uint8)[:, :, None], 3, axis=2)
+    assert area_resize_uint8(quad, (1, 1)).tolist() == [[[2, 2, 2]]]
