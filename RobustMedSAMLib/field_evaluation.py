@@ -245,8 +245,9 @@ def to_markdown(evaluation: FieldEvaluation, summary: Optional[Sequence[str]] = 
     names = list(summary) if summary is not None else [s.name for s in evaluation.segments]
     oracle = evaluation.mean("oracle", names)
     one, three = evaluation.mean("one_box", names), evaluation.mean("three_boxes", names)
-    lines += ["", f"Mean over {', '.join(names)}: oracle {oracle:.3f}, one box {one:.3f} ({one / oracle:.2f} x "
-              f"oracle), three boxes {three:.3f} ({three / oracle:.2f} x oracle).", "", "Stops:"]
+    ratio = (lambda v: f"{v / oracle:.2f} x oracle") if oracle > 0 else (lambda v: "oracle 0: no ratio")
+    lines += ["", f"Mean over {', '.join(names)}: oracle {oracle:.3f}, one box {one:.3f} ({ratio(one)}), "
+              f"three boxes {three:.3f} ({ratio(three)}).", "", "Stops:"]
     for s in evaluation.segments:
         one_stops = ", ".join(f"{k} {v}" for k, v in s.one_box.stops.items()) or "-"
         three_stops = ", ".join(f"{k} {v}" for k, v in s.three_boxes.stops.items()) or "-"
