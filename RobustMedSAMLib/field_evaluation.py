@@ -177,7 +177,13 @@ def field_evaluation(volume: Volume, reference: Union[Segmentation, Mapping[str,
         raise ValueError("the reference segmentation has no segment to evaluate")
     spacing = tuple(float(v) for v in volume.spacing[::-1]) if square_pixels else None
     segmenters: Dict[object, Tuple[VolumeSegmenter, str]] = {}
-    own = {k.lower(): v for k, v in (windows or {}).items()}
+    own = {str(k).lower(): v for k, v in (windows or {}).items()}
+    unknown = sorted(set(own) - {name.lower() for name in masks})
+    if unknown:
+        raise ValueError(f"a window is given for segment(s) {unknown} that are not evaluated; the evaluated "
+                         f"segments are: {', '.join(masks)} (check the names given with --segment-window)")
+    for name, w in own.items():
+        get_window(w)  # a bad window fails before any slice is encoded
     out: List[SegmentEvaluation] = []
     for n, (name, mask) in enumerate(masks.items()):
         if progress is not None:

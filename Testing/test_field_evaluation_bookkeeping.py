@@ -39,3 +39,12 @@ def test_markdown_summary_when_the_oracle_finds_nothing():
     assert ev.oracle.dice == 0.0 and ev.one_box.dice == 0.0 and ev.one_box.found is None
     text = to_markdown(FieldEvaluation([ev], 0))
     assert "| cube | 3-6 | 0.000 | 0.000 | - | 0.000 | - |" in text and "no ratio" in text
+
+
+def test_window_for_an_unknown_segment_is_an_error_before_any_prediction():
+    vol = Volume(np.full((10, 24, 24), -1000.0) + cube() * 1000.0, np.eye(4))
+    ref = {"Cube": cube()}
+    with pytest.raises(ValueError, match=r"segment\(s\) \['cueb'\].*evaluated segments are: Cube"):
+        field_evaluation(vol, ref, None, windows={"cueb": "lung"})
+    with pytest.raises(ValueError, match="unknown window preset 'lugn'"):
+        field_evaluation(vol, ref, None, windows={"cube": "lugn"})
