@@ -13,7 +13,9 @@ along one voxel axis; which axis is the caller's business (docs/coordinates.md).
    ``iou_threshold``) may reject the prediction: the direction then stops **without writing slice z**; it
    also stops after the volume bound / the ``slice_range`` limit.
 2. **Above the highest seed**, symmetrically (unless ``stop_upper``).
-3. **Between consecutive seeds** ``a < b`` (no IoU stopping): adjacent seeds -> nothing; if ``a`` is the
+3. **Between consecutive seeds** ``a < b`` (micro-sam's rule: no IoU stopping; the consistency rule walks
+   each gap from its larger seed and back from the other, judged by the rule, see
+   :mod:`RobustMedSAMLib.stop_rules`): adjacent seeds -> nothing; if ``a`` is the
    lowest seed and ``stop_lower`` -> propagate from ``b`` down to ``a+1`` only (likewise ``b`` highest and
    ``stop_upper`` -> from ``a`` up to ``b-1``); a gap of one slice -> predicted from the union of masks
    ``a`` and ``b``; a larger gap -> from ``a`` upward and from ``b`` downward towards ``(a+b)//2`` (the lower
@@ -68,7 +70,7 @@ def propagate(segmenter: SliceSegmenter, seeds: Mapping[int, np.ndarray], *, iou
         segmenter: a :class:`SliceSegmenter`.
         seeds: ``{slice index: (H, W) mask}`` of the annotated slices (not modified).
         iou_threshold: extrapolation stops (slice not written) when the IoU of consecutive masks is below it;
-            default: the stop rule's (0.1 for ``"consistency"``, 0.5 for ``"micro-sam"``).
+            default: the stop rule's (0.4 for ``"consistency"``, 0.5 for ``"micro-sam"``).
         projection: which prompts are derived from the previous mask: ``"box"``, ``"mask"`` (box + mask),
             ``"points"``, ``"points_and_mask"``, ``"single_point"`` or ``{"use_box", "use_mask",
             "use_points"}``; default: the segmenter's ``default_projection`` (``"box"`` for box-trained
