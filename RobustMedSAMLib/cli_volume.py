@@ -82,9 +82,13 @@ def _window(text: Optional[str]):
     """``soft_tissue`` / ``lung`` / ... or ``LEVEL,WIDTH``."""
     if text is None or "," not in text:
         return text
-    from .intensity import Window
+    from .intensity import WINDOW_PRESETS, IntensityError, Window
 
-    level, width = (float(v) for v in text.split(","))
+    try:
+        level, width = (float(v) for v in text.split(","))
+    except ValueError:
+        raise IntensityError(f"window {text!r}: give a preset ({', '.join(WINDOW_PRESETS)}) or LEVEL,WIDTH "
+                             f"(two numbers, e.g. 40,400)") from None
     return Window(level, width)
 
 

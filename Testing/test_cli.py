@@ -114,6 +114,15 @@ def test_segment_volume_sample_ct_end_to_end(tiny_ckpt, tmp_path, capsys):
     assert rep["encoded_slices"] <= 34
 
 
+@pytest.mark.parametrize("window, message", [("40,abc", "LEVEL,WIDTH"), ("40,400,2", "LEVEL,WIDTH"),
+                                             ("40,-5", "width > 0"), ("lungs-ish", "unknown window preset")])
+def test_segment_volume_bad_window_is_a_clear_error(tmp_path, capsys, window, message):
+    rc = main(["segment-volume", "sample:chest-ct", "--prompts", str(REPO_EXAMPLES / "chest_ct_prompts.json"),
+               "--model", "robustmedsam", "--offline", "--window", window, "--output", str(tmp_path / "o.seg.nrrd")])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err, err
+
+
 def test_segment_volume_errors_before_loading_a_model(tmp_path, capsys):
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps({"objects": [{"name": "x", "slices": [{"index": 99, "box": [1, 1, 5, 5]}]}]}))
