@@ -14,8 +14,8 @@
   2. the CPU reports native bf16 (AVX512-BF16 or AMX-BF16 on x86, BF16 on Arm): without it PyTorch emulates
      bf16 and runs about 12x slower than float32;
   3. a quick probe (bf16 vs float32 GEMM rate on transformer shapes, ~0.2 s, cached per CPU model, bf16 flags,
-     PyTorch version and thread count in ``<cache dir>/precision-probe.json``) shows a gain of at least
-     :data:`MIN_GEMM_GAIN`.
+     PyTorch version, thread count and the settings that cap oneDNN's instructions (:func:`probe_key`) in
+     ``<cache dir>/precision-probe.json``) shows a gain of at least :data:`MIN_GEMM_GAIN`.
 
   On CUDA ``auto`` keeps what the engine always did: autocast in bf16 where the GPU supports it, else fp16.
 * ``None`` (the library default): ``fp32`` on the CPU and CUDA autocast as ``auto`` on a GPU, i.e. exactly the
@@ -146,9 +146,19 @@ def cpu_model() -> str:
     return (m.group(1).strip() if m else "") or platform.processor() or platform.machine() or "unknown CPU"
 
 
+# Environment variables that change which kernels compute bf16 GEMMs: with ONEDNN_MAX_CPU_ISA=AVX2 oneDNN emulates
+# bf16 on a CPU with AMX (measured here: bf16 GEMMs 32 against 333 GFLOP/s float32, 0.1x instead of 4x)
+DISPATCH_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+PROBE_VERSION = 1  # bump when PROBE_SHAPES or measure_gemm_gain change: older cached entries are then ignored
+
+
 def probe_key() -> str:
-    """What the cached probe depends on: CPU model, its native bf16 instructions, PyTorch, threads."""
-    return f"{cpu_model()}|bf16={native_bf16() or 'none'}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    """What the cached probe depends on: CPU model, its native bf16 instructions, PyTorch, threads, oneDNN's use
+    and the environment variables that cap its instruction set (:data:`DISPATCH_ENV`), the probe's version."""
+    env = ",".join(f"{name}={os.environ[name]}" for name in DISPATCH_ENV if os.environ.get(name, "").strip())
+    mkldnn = "on" if torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled else "off"
+    return (f"{cpu_model()}|bf16={native_bf16() or 'none'}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+            f"|onednn {mkldnn}{'|' + env if env else ''}|probe v{PROBE_VERSION}")
 
 
 # -------------------------------------------------------------------------------------------- probe

@@ -126,6 +126,37 @@ def test_probe_is_measured_once_and_cached_per_machine(tmp_path, monkeypatch):
     assert P.probe(measure=measure)["cached"] is False and len(calls) == 3
 
 
+def test_probe_key_follows_what_changes_the_bf16_kernels(tmp_path, monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN emulate bf16 on an AMX CPU (0.1x float32 measured): a probe cached
+    without it must not be reused with it, nor with another thread count or oneDNN switched off."""
+    monkeypatch.setenv("ROBUSTMEDSAM_CACHE", str(tmp_path))
+    for name in P.DISPATCH_ENV:
+        monkeypatch.delenv(name, raising=False)
+    gains = iter([4.0, 0.1, 0.1, 3.0, 2.0])
+    measure = lambda: (lambda g: {"fp32": 1e11, "bf16": g * 1e11, "gain": g})(next(gains))  # noqa: E731
+    keys = [P.probe_key()]
+    assert P.probe(measure=measure)["gain"] == 4.0
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    keys.append(P.probe_key())
+    assert P.probe(measure=measure)["gain"] == 0.1  # measured again, not the cached 4.0
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE")
+    keys.append(P.probe_key())
+    assert P.probe(measure=measure)["cached"] is False
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA")
+    with torch.backends.mkldnn.flags(enabled=False):
+        keys.append(P.probe_key())
+        assert P.probe(measure=measure)["cached"] is False
+    before = torch.get_num_threads()
+    torch.set_num_threads(before + 1)
+    try:
+        keys.append(P.probe_key())
+        assert P.probe(measure=measure)["cached"] is False
+    finally:
+        torch.set_num_threads(before)
+    assert len(set(keys)) == 5 and P.probe_key() == keys[0] and P.probe(measure=measure)["gain"] == 4.0
+
+
 def test_real_probe_on_this_machine():
     native = P.native_bf16()
     if not native:
