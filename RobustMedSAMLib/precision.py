@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,33 +185,65 @@ def _probe_path() -> Optional[Path]:
         return None
 
 
+def _valid(entry) -> bool:
+    """A cached probe entry that can be trusted: finite positive rates and gain (else it is measured again)."""
+    if not isinstance(entry, dict):
+        return False
+    try:
+        values = [float(entry[name]) for name in ("fp32", "bf16", "gain")]
+    except (KeyError, TypeError, ValueError):
+        return False
+    return all(math.isfinite(v) and v > 0 for v in values)
+
+
+def _read_entries(path: Path) -> Dict[str, dict]:
+    try:
+        entries = json.loads(path.read_text()).get("entries", {})
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+        return {}  # a damaged or unreadable cache file is re-measured
+    return entries if isinstance(entries, dict) else {}
+
+
+def _write_entries(path: Path, entries: Dict[str, dict]) -> None:
+    """Replace the cache file atomically (a temporary file of its own per writer, so concurrent processes and
+    threads never write into one file; the last writer wins and the others' entries are measured again)."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=str(path.parent))
+        with os.fdopen(fd, "w") as f:
+            json.dump({"version": 1, "entries": entries}, f, indent=1)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:  # a read-only cache only costs a probe per process
+        log.warning("could not save the bf16 probe to %s: %s", path, exc)
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
 def probe(use_cache: bool = True, measure: Callable[[], Dict[str, float]] = measure_gemm_gain) -> Dict[str, float]:
     """The bf16/float32 GEMM rates of this machine (``{"fp32", "bf16", "gain", ...}``), measured once and
-    then read from the per-user cache (entry :func:`probe_key`)."""
+    then read from the per-user cache (entry :func:`probe_key`). A damaged, unreadable or implausible entry
+    (not finite positive numbers) is measured again; a cache that cannot be written is left alone."""
     key = probe_key()
     path = _probe_path() if use_cache else None
-    entries: Dict[str, dict] = {}
-    if path is not None and path.exists():
-        try:
-            entries = json.loads(path.read_text()).get("entries", {})
-        except (OSError, ValueError, AttributeError):
-            entries = {}  # a damaged cache file is re-measured
-        if isinstance(entries, dict) and isinstance(entries.get(key), dict) and "gain" in entries[key]:
-            return dict(entries[key], cached=True)
+    entries: Dict[str, dict] = _read_entries(path) if path is not None else {}
+    if _valid(entries.get(key)):
+        return dict(entries[key], cached=True)
     t0 = time.perf_counter()
     result = dict(measure())
     result.update(seconds=time.perf_counter() - t0, measured=time.strftime("%Y-%m-%d %H:%M:%S"))
     log.info("bf16 probe on %s: bf16 %.0f GFLOP/s, fp32 %.0f GFLOP/s (%.1fx) in %.2f s", key,
              result["bf16"] / 1e9, result["fp32"] / 1e9, result["gain"], result["seconds"])
-    if path is not None:
-        entries = entries if isinstance(entries, dict) else {}
+    if path is not None and _valid(result):
+        entries = _read_entries(path)  # as fresh as possible: another process may have added its machine
         entries[key] = result
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps({"version": 1, "entries": entries}, indent=1))
-            tmp.replace(path)
-        except OSError as exc:  # a read-only cache only costs a probe per process
-            log.warning("could not save the bf16 probe to %s: %s", path, exc)
+        _write_entries(path, entries)
     return dict(result, cached=False)
 
 
@@ -286,7 +320,7 @@ def choose_precision(requested: Optional[str], model: Optional[str], device,
         return PrecisionChoice("fp32", req, "float32: this CPU does not compute bf16 natively")
     rates = probe_fn()
     gain = float(rates["gain"])
-    if gain < MIN_GEMM_GAIN:
+    if not gain >= MIN_GEMM_GAIN:  # NaN too
         return PrecisionChoice("fp32", req, f"float32: bf16 GEMMs only {gain:.1f}x float32 on this CPU "
                                             f"({native}; auto needs {MIN_GEMM_GAIN}x)")
     return PrecisionChoice("bf16", req, f"bf16: {native}, bf16 GEMMs {gain:.1f}x float32, gate of {model} holds "

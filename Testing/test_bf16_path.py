@@ -126,6 +126,35 @@ def test_probe_is_measured_once_and_cached_per_machine(tmp_path, monkeypatch):
     assert P.probe(measure=measure)["cached"] is False and len(calls) == 3
 
 
+@pytest.mark.parametrize("entry", [{"fp32": 1e11, "bf16": 4e11, "gain": "fast"}, {"fp32": 1e11, "bf16": 4e11,
+                                   "gain": None}, {"fp32": 1e11, "bf16": 4e11, "gain": float("nan")}, {"gain": 4.0},
+                                   [4.0], "4x"], ids=["text", "null", "nan", "no-rates", "list", "string"])
+def test_a_damaged_probe_entry_is_measured_again(tmp_path, monkeypatch, entry):
+    """A cached entry that is not finite positive numbers neither crashes the choice nor picks bf16."""
+    monkeypatch.setenv("ROBUSTMEDSAM_CACHE", str(tmp_path))
+    (tmp_path / P.PROBE_FILE).write_text(json.dumps({"version": 1, "entries": {P.probe_key(): entry}}))
+    measured = P.probe(measure=lambda: {"fp32": 1e11, "bf16": 1.1e11, "gain": 1.1})
+    assert measured["cached"] is False and measured["gain"] == 1.1
+    assert P.probe(measure=_never)["gain"] == 1.1  # the good measurement replaced the damaged entry
+    choice = P.choose_precision("auto", "tiny", "cpu", probe_fn=P.probe, native_fn=lambda: "AMX-BF16")
+    assert choice.precision == "fp32"
+    nan = P.choose_precision("auto", "tiny", "cpu", probe_fn=_gain(float("nan")), native_fn=lambda: "AMX-BF16")
+    assert nan.precision == "fp32"
+
+
+def test_an_unusable_probe_cache_costs_only_a_measurement(tmp_path, monkeypatch, caplog):
+    """The cache file's place taken by a folder (unreadable and unwritable as a file): measured each time,
+    a warning, no crash, no temporary files left behind."""
+    monkeypatch.setenv("ROBUSTMEDSAM_CACHE", str(tmp_path))
+    (tmp_path / P.PROBE_FILE).mkdir()
+    calls = []
+    measure = lambda: calls.append(1) or {"fp32": 1e11, "bf16": 4e11, "gain": 4.0}  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger=P.__name__):
+        assert P.probe(measure=measure)["gain"] == 4.0 and P.probe(measure=measure)["cached"] is False
+    assert len(calls) == 2 and "could not save the bf16 probe" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [P.PROBE_FILE]
+
+
 def test_probe_key_follows_what_changes_the_bf16_kernels(tmp_path, monkeypatch):
     """ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN emulate bf16 on an AMX CPU (0.1x float32 measured): a probe cached
     without it must not be reused with it, nor with another thread count or oneDNN switched off."""
@@ -144,9 +173,10 @@ def test_probe_key_follows_what_changes_the_bf16_kernels(tmp_path, monkeypatch):
     keys.append(P.probe_key())
     assert P.probe(measure=measure)["cached"] is False
     monkeypatch.delenv("DNNL_MAX_CPU_ISA")
-    with torch.backends.mkldnn.flags(enabled=False):
-        keys.append(P.probe_key())
-        assert P.probe(measure=measure)["cached"] is False
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    keys.append(P.probe_key())
+    assert P.probe(measure=measure)["cached"] is False
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", True)
     before = torch.get_num_threads()
     torch.set_num_threads(before + 1)
     try:
