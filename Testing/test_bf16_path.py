@@ -288,6 +288,24 @@ def test_bf16_weight_copies_follow_parameter_changes():
         assert torch.equal(getattr(got, name), getattr(expected, name)), name
 
 
+def test_bf16_weight_copies_follow_replaced_parameters():
+    """Parameters replaced by new tensors (``load_state_dict(assign=True)``, twice without a forward between)
+    can land at a freed parameter's address with the same version count: the copies must still be rebuilt."""
+    torch.manual_seed(0)
+    for _ in range(100):
+        layer = torch.nn.Linear(64, 64)
+        bf16.params(layer), bf16.split_params(layer)
+        for _ in range(2):
+            state = {k: torch.empty_like(v).uniform_() for k, v in layer.state_dict().items()}  # version 1, as init
+            layer.load_state_dict(state, assign=True)
+            del state
+        weight, bias = bf16.params(layer)
+        assert torch.equal(weight, layer.weight.to(torch.bfloat16)) and torch.equal(bias, layer.bias.to(torch.bfloat16))
+        split, _ = bf16.split_params(layer)
+        assert torch.equal(split[:, :64].float() + split[:, 64:].float(), layer.weight.detach().bfloat16().float() +
+                           (layer.weight.detach() - layer.weight.detach().bfloat16().float()).bfloat16().float())
+
+
 # --------------------------------------------------------------------------------------- the pieces
 def test_split_weights_carry_16_bits():
     layer = torch.nn.Linear(96, 40).requires_grad_(False)
