@@ -16,7 +16,8 @@ Intended call sites (wired by the predictor / propagation owners):
   encoding in the cache under its slice key. On the CPU the planner returns at most the current slice
   (batching does not pay there, REFERENCE.md section 0: a batch of 4 costs 12.5 s per slice and 11 GB).
 * A batch that does not fit halves itself; a single image that still does not fit on the GPU is encoded on
-  the CPU (the model is moved there, with a logged warning) -- see :func:`encode_batched`.
+  the CPU (the model is moved there, with a logged warning) in float32, its precision relabelled "fp32" so
+  that the encoding cache keys say what was computed -- see :func:`encode_batched`.
 """
 from __future__ import annotations
 
@@ -115,6 +116,20 @@ def _split(encoding, n: int, device: Optional[torch.device] = None) -> list:
             for i in range(n)]
 
 
+def _precision_after_cpu_fallback(model) -> None:
+    """A model that autocast on the GPU (``precision`` "bf16" / "fp16") computes float32 once moved to the CPU
+    (autocast is CUDA-only here, and the CPU bf16 path is chosen by ``precision.choose_precision``, not by a
+    fallback): relabel it "fp32" so that what it computes and the cache keys that name its precision agree."""
+    precision = getattr(model, "precision", None)
+    if precision not in _DTYPES:
+        return
+    from .precision import set_precision
+
+    set_precision(model, "fp32")
+    log.warning("the GPU's %s autocast does not apply on the CPU: encoding in float32 there (precision fp32)",
+                precision)
+
+
 def encode_batched(model, images: Sequence[torch.Tensor], batch_size: int = 4, *, robust: Optional[bool] = None,
                    use_autocast: bool = True, cpu_fallback: bool = True,
                    encode_fn: Optional[Callable] = None, report: Optional[BatchLog] = None) -> list:
@@ -122,8 +137,9 @@ def encode_batched(model, images: Sequence[torch.Tensor], batch_size: int = 4, *
 
     On CUDA each batch goes through pinned host memory and runs under :func:`autocast` in the model's precision
     (:func:`model_autocast`; ``use_autocast=False`` turns it off). If a batch runs out
-    of memory it is halved and retried; if one image alone does not fit, the model is moved to the CPU
-    (``cpu_fallback``, logged) and the remaining images are encoded there. Returns one float32
+    of memory it is halved and retried (same precision); if one image alone does not fit, the model is moved to
+    the CPU (``cpu_fallback``, logged) and the remaining images are encoded there, in float32: a model in "bf16"
+    or "fp16" (GPU autocast) is relabelled "fp32" (logged; :func:`_precision_after_cpu_fallback`). Returns one float32
     :class:`~RobustMedSAMLib.modeling.model.ImageEncoding` (batch 1) per image, in order, all on the
     model's final device. ``encode_fn(model, batch, robust)`` replaces ``model.encode`` (tests).
     """
@@ -159,6 +175,7 @@ def encode_batched(model, images: Sequence[torch.Tensor], batch_size: int = 4, *
                 raise
             log.warning("out of memory on %s with a single image: encoding on the CPU from now on", device)
             model.to("cpu")
+            _precision_after_cpu_fallback(model)
             report.cpu_fallback = True
             continue
         report.batch_sizes.append(len(chunk))
