@@ -8,7 +8,7 @@ out-of-memory error) and on a GPU by ``Testing/test_cuda.py`` (``scripts/gpu_che
 Intended call sites (wired by the predictor / propagation owners):
 
 * ``Predictor._encode_and_store``: ``with autocast(self.model.device): encoding = self.model.encode(x)``
-  (in the model's ``precision``: bf16 where the GPU supports it, else fp16, or none for ``fp32``; outputs
+  (in the model's ``precision``: bf16 where the GPU computes it natively, else fp16, or none for ``fp32``; outputs
   are cast back to float32 by :func:`encode_batched` and by the cache's ``_store``).
 * Volume runs on a GPU (``VolumeSegmenter.predict_slice`` before predicting slice ``z`` in direction
   ``step``): ``todo = planner.plan(z, step, is_cached)`` with a :class:`LookaheadPlanner`; when ``todo`` is
@@ -33,13 +33,27 @@ log = logging.getLogger(__name__)
 DeviceLike = Union[str, torch.device]
 
 
+def cuda_native_bf16(device: DeviceLike) -> bool:
+    """Whether the GPU ``device`` computes bfloat16 natively: compute capability 8.0 or later (Ampere on; ROCm
+    builds: yes). Not ``torch.cuda.is_bf16_supported()``: by default it also says True where bf16 is only
+    emulated (Volta, Turing: no bf16 tensor cores, far slower than their fp16), and it asks about the current
+    device rather than ``device``."""
+    if getattr(torch.version, "hip", None):
+        return True
+    if not torch.cuda.is_available():
+        return False
+    dev = torch.device(device)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index)[0] >= 8
+
+
 def autocast_dtype(device: DeviceLike) -> Optional[torch.dtype]:
-    """The autocast dtype for ``device``: bfloat16 on CUDA GPUs that support it, else float16; None on CPU
-    (CPU bfloat16 is far slower without AVX512-BF16 / AMX, and fp16 is unsupported)."""
+    """The autocast dtype for ``device``: bfloat16 on CUDA GPUs that compute it natively
+    (:func:`cuda_native_bf16`), else float16; None on CPU (the CPU's bf16 path is ``precision.py``'s)."""
     dev = torch.device(device)
     if dev.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cuda_native_bf16(dev) else torch.float16
 
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -17,7 +17,8 @@
      PyTorch version, thread count and the settings that cap oneDNN's instructions (:func:`probe_key`) in
      ``<cache dir>/precision-probe.json``) shows a gain of at least :data:`MIN_GEMM_GAIN`.
 
-  On CUDA ``auto`` keeps what the engine always did: autocast in bf16 where the GPU supports it, else fp16.
+  On CUDA ``auto`` keeps what the engine always did: autocast in bf16 where the GPU computes it natively
+  (compute capability 8.0 or later, ``acceleration.cuda_native_bf16``), else fp16.
 * ``None`` (the library default): ``fp32`` on the CPU and CUDA autocast as ``auto`` on a GPU, i.e. exactly the
   behaviour before precision was selectable.
 
@@ -290,8 +291,8 @@ def choose_precision(requested: Optional[str], model: Optional[str], device,
             return PrecisionChoice("fp32", req, "float32 requested (no autocast)")
         if req == "bf16":
             if _cuda_autocast_name(dev) != "bf16":
-                raise ValueError(f"this GPU ({dev}) does not support bfloat16; use --precision auto (float16 "
-                                 f"autocast) or fp32")
+                raise ValueError(f"this GPU ({dev}) does not support bfloat16 natively (it needs compute capability "
+                                 f"8.0 or later: Ampere on); use --precision auto (float16 autocast) or fp32")
             return PrecisionChoice("bf16", req, "bf16 requested (CUDA autocast)")
         name = _cuda_autocast_name(dev)
         return PrecisionChoice(name, req or "default", f"CUDA autocast in {name}")

@@ -54,12 +54,31 @@ def test_autocast_is_a_no_op_on_cpu():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 
-@pytest.mark.parametrize("bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
-def test_autocast_dtype_on_cuda(monkeypatch, bf16, expected):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+def fake_gpus(monkeypatch, *capabilities, current=0):
+    """Pretend CUDA GPUs of these compute capabilities exist (``is_bf16_supported`` says True for all of them,
+    as PyTorch's default does where bf16 can be emulated)."""
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: capabilities[current if i is None else i])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+
+
+@pytest.mark.parametrize("capability, expected", [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16),
+                                                  ((7, 5), torch.float16), ((7, 0), torch.float16)],
+                         ids=["H100", "A100", "T4", "V100"])
+def test_autocast_dtype_on_cuda(monkeypatch, capability, expected):
+    """bf16 only where the GPU computes it natively (Ampere on): a T4 or V100 emulates it, fp16 there."""
+    fake_gpus(monkeypatch, capability, capability)
     assert autocast_dtype("cuda") is expected
     assert autocast_dtype(torch.device("cuda", 1)) is expected
     assert acc.autocast("cuda", enabled=False).__class__.__name__ == "nullcontext"
+
+
+def test_autocast_dtype_asks_about_the_models_gpu(monkeypatch):
+    fake_gpus(monkeypatch, (9, 0), (7, 5), current=0)
+    assert autocast_dtype("cuda") is torch.bfloat16 and autocast_dtype("cuda:0") is torch.bfloat16
+    assert autocast_dtype("cuda:1") is torch.float16
 
 
 def test_out_of_memory_detection():

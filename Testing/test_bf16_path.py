@@ -78,7 +78,11 @@ def test_forced_and_default_precisions(caplog):
 @pytest.mark.parametrize("bf16_supported", [True, False])
 def test_cuda_rules(monkeypatch, bf16_supported):
     """On CUDA, auto and the library default keep the engine's autocast (bf16 where supported, else fp16)."""
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (8, 0) if bf16_supported else (7, 5))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # also where only emulated
     amp = "bf16" if bf16_supported else "fp16"
     assert P.choose_precision("auto", None, "cuda", _never).precision == amp
     assert P.choose_precision(None, None, "cuda:0", _never).precision == amp
