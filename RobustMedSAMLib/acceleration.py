@@ -8,7 +8,7 @@ out-of-memory error) and on a GPU by ``Testing/test_cuda.py`` (``scripts/gpu_che
 Intended call sites (wired by the predictor / propagation owners):
 
 * ``Predictor._encode_and_store``: ``with autocast(self.model.device): encoding = self.model.encode(x)``
-  (in the model's ``precision``: bf16 where the GPU supports it, else fp16, or none for ``fp32``; outputs
+  (in the model's ``precision``: bf16 where the GPU computes it natively, else fp16, or none for ``fp32``; outputs
   are cast back to float32 by :func:`encode_batched` and by the cache's ``_store``).
 * Volume runs on a GPU (``VolumeSegmenter.predict_slice`` before predicting slice ``z`` in direction
   ``step``): ``todo = planner.plan(z, step, is_cached)`` with a :class:`LookaheadPlanner`; when ``todo`` is
@@ -16,7 +16,8 @@ Intended call sites (wired by the predictor / propagation owners):
   encoding in the cache under its slice key. On the CPU the planner returns at most the current slice
   (batching does not pay there, REFERENCE.md section 0: a batch of 4 costs 12.5 s per slice and 11 GB).
 * A batch that does not fit halves itself; a single image that still does not fit on the GPU is encoded on
-  the CPU (the model is moved there, with a logged warning) -- see :func:`encode_batched`.
+  the CPU (the model is moved there, with a logged warning) in float32, its precision relabelled "fp32" so
+  that the encoding cache keys say what was computed -- see :func:`encode_batched`.
 """
 from __future__ import annotations
 
@@ -32,13 +33,27 @@ log = logging.getLogger(__name__)
 DeviceLike = Union[str, torch.device]
 
 
+def cuda_native_bf16(device: DeviceLike) -> bool:
+    """Whether the GPU ``device`` computes bfloat16 natively: compute capability 8.0 or later (Ampere on; ROCm
+    builds: yes). Not ``torch.cuda.is_bf16_supported()``: by default it also says True where bf16 is only
+    emulated (Volta, Turing: no bf16 tensor cores, far slower than their fp16), and it asks about the current
+    device rather than ``device``."""
+    if getattr(torch.version, "hip", None):
+        return True
+    if not torch.cuda.is_available():
+        return False
+    dev = torch.device(device)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index)[0] >= 8
+
+
 def autocast_dtype(device: DeviceLike) -> Optional[torch.dtype]:
-    """The autocast dtype for ``device``: bfloat16 on CUDA GPUs that support it, else float16; None on CPU
-    (CPU bfloat16 is far slower without AVX512-BF16 / AMX, and fp16 is unsupported)."""
+    """The autocast dtype for ``device``: bfloat16 on CUDA GPUs that compute it natively
+    (:func:`cuda_native_bf16`), else float16; None on CPU (the CPU's bf16 path is ``precision.py``'s)."""
     dev = torch.device(device)
     if dev.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cuda_native_bf16(dev) else torch.float16
 
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,6 +130,20 @@ def _split(encoding, n: int, device: Optional[torch.device] = None) -> list:
             for i in range(n)]
 
 
+def _precision_after_cpu_fallback(model) -> None:
+    """A model that autocast on the GPU (``precision`` "bf16" / "fp16") computes float32 once moved to the CPU
+    (autocast is CUDA-only here, and the CPU bf16 path is chosen by ``precision.choose_precision``, not by a
+    fallback): relabel it "fp32" so that what it computes and the cache keys that name its precision agree."""
+    precision = getattr(model, "precision", None)
+    if precision not in _DTYPES:
+        return
+    from .precision import set_precision
+
+    set_precision(model, "fp32")
+    log.warning("the GPU's %s autocast does not apply on the CPU: encoding in float32 there (precision fp32)",
+                precision)
+
+
 def encode_batched(model, images: Sequence[torch.Tensor], batch_size: int = 4, *, robust: Optional[bool] = None,
                    use_autocast: bool = True, cpu_fallback: bool = True,
                    encode_fn: Optional[Callable] = None, report: Optional[BatchLog] = None) -> list:
@@ -122,8 +151,9 @@ def encode_batched(model, images: Sequence[torch.Tensor], batch_size: int = 4, *
 
     On CUDA each batch goes through pinned host memory and runs under :func:`autocast` in the model's precision
     (:func:`model_autocast`; ``use_autocast=False`` turns it off). If a batch runs out
-    of memory it is halved and retried; if one image alone does not fit, the model is moved to the CPU
-    (``cpu_fallback``, logged) and the remaining images are encoded there. Returns one float32
+    of memory it is halved and retried (same precision); if one image alone does not fit, the model is moved to
+    the CPU (``cpu_fallback``, logged) and the remaining images are encoded there, in float32: a model in "bf16"
+    or "fp16" (GPU autocast) is relabelled "fp32" (logged; :func:`_precision_after_cpu_fallback`). Returns one float32
     :class:`~RobustMedSAMLib.modeling.model.ImageEncoding` (batch 1) per image, in order, all on the
     model's final device. ``encode_fn(model, batch, robust)`` replaces ``model.encode`` (tests).
     """
@@ -159,6 +189,7 @@ def encode_batched(model, images: Sequence[torch.Tensor], batch_size: int = 4, *
                 raise
             log.warning("out of memory on %s with a single image: encoding on the CPU from now on", device)
             model.to("cpu")
+            _precision_after_cpu_fallback(model)
             report.cpu_fallback = True
             continue
         report.batch_sizes.append(len(chunk))

@@ -14,10 +14,11 @@
   2. the CPU reports native bf16 (AVX512-BF16 or AMX-BF16 on x86, BF16 on Arm): without it PyTorch emulates
      bf16 and runs about 12x slower than float32;
   3. a quick probe (bf16 vs float32 GEMM rate on transformer shapes, ~0.2 s, cached per CPU model, bf16 flags,
-     PyTorch version and thread count in ``<cache dir>/precision-probe.json``) shows a gain of at least
-     :data:`MIN_GEMM_GAIN`.
+     PyTorch version, thread count and the settings that cap oneDNN's instructions (:func:`probe_key`) in
+     ``<cache dir>/precision-probe.json``) shows a gain of at least :data:`MIN_GEMM_GAIN`.
 
-  On CUDA ``auto`` keeps what the engine always did: autocast in bf16 where the GPU supports it, else fp16.
+  On CUDA ``auto`` keeps what the engine always did: autocast in bf16 where the GPU computes it natively
+  (compute capability 8.0 or later, ``acceleration.cuda_native_bf16``), else fp16.
 * ``None`` (the library default): ``fp32`` on the CPU and CUDA autocast as ``auto`` on a GPU, i.e. exactly the
   behaviour before precision was selectable.
 
@@ -28,11 +29,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,9 +149,19 @@ def cpu_model() -> str:
     return (m.group(1).strip() if m else "") or platform.processor() or platform.machine() or "unknown CPU"
 
 
+# Environment variables that change which kernels compute bf16 GEMMs: with ONEDNN_MAX_CPU_ISA=AVX2 oneDNN emulates
+# bf16 on a CPU with AMX (measured here: bf16 GEMMs 32 against 333 GFLOP/s float32, 0.1x instead of 4x)
+DISPATCH_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+PROBE_VERSION = 1  # bump when PROBE_SHAPES or measure_gemm_gain change: older cached entries are then ignored
+
+
 def probe_key() -> str:
-    """What the cached probe depends on: CPU model, its native bf16 instructions, PyTorch, threads."""
-    return f"{cpu_model()}|bf16={native_bf16() or 'none'}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    """What the cached probe depends on: CPU model, its native bf16 instructions, PyTorch, threads, oneDNN's use
+    and the environment variables that cap its instruction set (:data:`DISPATCH_ENV`), the probe's version."""
+    env = ",".join(f"{name}={os.environ[name]}" for name in DISPATCH_ENV if os.environ.get(name, "").strip())
+    mkldnn = "on" if torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled else "off"
+    return (f"{cpu_model()}|bf16={native_bf16() or 'none'}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+            f"|onednn {mkldnn}{'|' + env if env else ''}|probe v{PROBE_VERSION}")
 
 
 # -------------------------------------------------------------------------------------------- probe
@@ -173,33 +186,65 @@ def _probe_path() -> Optional[Path]:
         return None
 
 
+def _valid(entry) -> bool:
+    """A cached probe entry that can be trusted: finite positive rates and gain (else it is measured again)."""
+    if not isinstance(entry, dict):
+        return False
+    try:
+        values = [float(entry[name]) for name in ("fp32", "bf16", "gain")]
+    except (KeyError, TypeError, ValueError):
+        return False
+    return all(math.isfinite(v) and v > 0 for v in values)
+
+
+def _read_entries(path: Path) -> Dict[str, dict]:
+    try:
+        entries = json.loads(path.read_text()).get("entries", {})
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+        return {}  # a damaged or unreadable cache file is re-measured
+    return entries if isinstance(entries, dict) else {}
+
+
+def _write_entries(path: Path, entries: Dict[str, dict]) -> None:
+    """Replace the cache file atomically (a temporary file of its own per writer, so concurrent processes and
+    threads never write into one file; the last writer wins and the others' entries are measured again)."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=str(path.parent))
+        with os.fdopen(fd, "w") as f:
+            json.dump({"version": 1, "entries": entries}, f, indent=1)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:  # a read-only cache only costs a probe per process
+        log.warning("could not save the bf16 probe to %s: %s", path, exc)
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
 def probe(use_cache: bool = True, measure: Callable[[], Dict[str, float]] = measure_gemm_gain) -> Dict[str, float]:
     """The bf16/float32 GEMM rates of this machine (``{"fp32", "bf16", "gain", ...}``), measured once and
-    then read from the per-user cache (entry :func:`probe_key`)."""
+    then read from the per-user cache (entry :func:`probe_key`). A damaged, unreadable or implausible entry
+    (not finite positive numbers) is measured again; a cache that cannot be written is left alone."""
     key = probe_key()
     path = _probe_path() if use_cache else None
-    entries: Dict[str, dict] = {}
-    if path is not None and path.exists():
-        try:
-            entries = json.loads(path.read_text()).get("entries", {})
-        except (OSError, ValueError, AttributeError):
-            entries = {}  # a damaged cache file is re-measured
-        if isinstance(entries, dict) and isinstance(entries.get(key), dict) and "gain" in entries[key]:
-            return dict(entries[key], cached=True)
+    entries: Dict[str, dict] = _read_entries(path) if path is not None else {}
+    if _valid(entries.get(key)):
+        return dict(entries[key], cached=True)
     t0 = time.perf_counter()
     result = dict(measure())
     result.update(seconds=time.perf_counter() - t0, measured=time.strftime("%Y-%m-%d %H:%M:%S"))
     log.info("bf16 probe on %s: bf16 %.0f GFLOP/s, fp32 %.0f GFLOP/s (%.1fx) in %.2f s", key,
              result["bf16"] / 1e9, result["fp32"] / 1e9, result["gain"], result["seconds"])
-    if path is not None:
-        entries = entries if isinstance(entries, dict) else {}
+    if path is not None and _valid(result):
+        entries = _read_entries(path)  # as fresh as possible: another process may have added its machine
         entries[key] = result
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps({"version": 1, "entries": entries}, indent=1))
-            tmp.replace(path)
-        except OSError as exc:  # a read-only cache only costs a probe per process
-            log.warning("could not save the bf16 probe to %s: %s", path, exc)
+        _write_entries(path, entries)
     return dict(result, cached=False)
 
 
@@ -246,8 +291,8 @@ def choose_precision(requested: Optional[str], model: Optional[str], device,
             return PrecisionChoice("fp32", req, "float32 requested (no autocast)")
         if req == "bf16":
             if _cuda_autocast_name(dev) != "bf16":
-                raise ValueError(f"this GPU ({dev}) does not support bfloat16; use --precision auto (float16 "
-                                 f"autocast) or fp32")
+                raise ValueError(f"this GPU ({dev}) does not support bfloat16 natively (it needs compute capability "
+                                 f"8.0 or later: Ampere on); use --precision auto (float16 autocast) or fp32")
             return PrecisionChoice("bf16", req, "bf16 requested (CUDA autocast)")
         name = _cuda_autocast_name(dev)
         return PrecisionChoice(name, req or "default", f"CUDA autocast in {name}")
@@ -276,7 +321,7 @@ def choose_precision(requested: Optional[str], model: Optional[str], device,
         return PrecisionChoice("fp32", req, "float32: this CPU does not compute bf16 natively")
     rates = probe_fn()
     gain = float(rates["gain"])
-    if gain < MIN_GEMM_GAIN:
+    if not gain >= MIN_GEMM_GAIN:  # NaN too
         return PrecisionChoice("fp32", req, f"float32: bf16 GEMMs only {gain:.1f}x float32 on this CPU "
                                             f"({native}; auto needs {MIN_GEMM_GAIN}x)")
     return PrecisionChoice("bf16", req, f"bf16: {native}, bf16 GEMMs {gain:.1f}x float32, gate of {model} holds "

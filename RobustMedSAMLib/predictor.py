@@ -190,11 +190,16 @@ class Predictor:
         inputs = [prepare_image(image, self.prep)[0] for image in images]  # on the host
         with self._model_lock:
             self.encoder_calls += len(inputs)
+            precision = getattr(self.model, "precision", None)
             encodings = encode_batched(self.model, inputs, batch_size, robust=self.robust)
+            # a CUDA out-of-memory fallback to the CPU relabels an autocast model fp32: the keys (made with the old
+            # precision) would then name encodings that were partly computed in another one, so none is cached
+            keep = getattr(self.model, "precision", None) == precision
         for key, encoding in zip(keys, encodings):
             if self.robust:
                 encoding.early = None  # the cached robust features replace it
-            self.cache.put(key, encoding)
+            if keep:
+                self.cache.put(key, encoding)
         return encodings
 
     def encode_many(self, images: Sequence[np.ndarray], context: str = "", batch_size: int = 4) -> int:

@@ -54,12 +54,31 @@ def test_autocast_is_a_no_op_on_cpu():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 
-@pytest.mark.parametrize("bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
-def test_autocast_dtype_on_cuda(monkeypatch, bf16, expected):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+def fake_gpus(monkeypatch, *capabilities, current=0):
+    """Pretend CUDA GPUs of these compute capabilities exist (``is_bf16_supported`` says True for all of them,
+    as PyTorch's default does where bf16 can be emulated)."""
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: capabilities[current if i is None else i])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+
+
+@pytest.mark.parametrize("capability, expected", [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16),
+                                                  ((7, 5), torch.float16), ((7, 0), torch.float16)],
+                         ids=["H100", "A100", "T4", "V100"])
+def test_autocast_dtype_on_cuda(monkeypatch, capability, expected):
+    """bf16 only where the GPU computes it natively (Ampere on): a T4 or V100 emulates it, fp16 there."""
+    fake_gpus(monkeypatch, capability, capability)
     assert autocast_dtype("cuda") is expected
     assert autocast_dtype(torch.device("cuda", 1)) is expected
     assert acc.autocast("cuda", enabled=False).__class__.__name__ == "nullcontext"
+
+
+def test_autocast_dtype_asks_about_the_models_gpu(monkeypatch):
+    fake_gpus(monkeypatch, (9, 0), (7, 5), current=0)
+    assert autocast_dtype("cuda") is torch.bfloat16 and autocast_dtype("cuda:0") is torch.bfloat16
+    assert autocast_dtype("cuda:1") is torch.float16
 
 
 def test_out_of_memory_detection():
@@ -196,3 +215,47 @@ def test_planner_looks_ahead_in_the_direction_and_skips_cached():
 def test_planner_batches_only_on_gpu():
     assert LookaheadPlanner.for_device("cpu", 10, batch_size=4).plan(0, 1, lambda z: False) == [0]
     assert LookaheadPlanner.for_device("cuda", 10, batch_size=4).plan(0, 1, lambda z: False) == [0, 1, 2, 3]
+
+
+class _FakeGpuSegmentationModel:
+    """A real tiny model (on the CPU) labelled as a CUDA model in bf16 autocast, until moved to the CPU."""
+
+    def __init__(self, model):
+        self.__dict__["inner"] = model
+        self.__dict__["device"] = torch.device("cuda")
+        self.__dict__["precision"] = "bf16"
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name, value):
+        self.__dict__[name] = value
+
+    def to(self, device):
+        self.__dict__["device"] = torch.device(device)
+        return self
+
+
+def test_cpu_fallback_of_an_autocast_model_computes_and_says_float32(images, caplog):
+    """After the fallback the model computes float32 on the CPU: its precision must say so (cache keys name it),
+    with a warning, and the results equal the float32 encodings."""
+    from RobustMedSAMLib.models import seeded_model
+
+    inner = seeded_model("tiny", precision="fp32").model
+    fake = _FakeGpuSegmentationModel(inner)
+    assert acc.model_autocast(fake) == (True, torch.bfloat16)
+
+    def encode(m, batch, robust):
+        if m.device.type == "cuda":
+            raise _oom()
+        return m.encode(batch, robust=robust)
+
+    log = BatchLog()
+    with caplog.at_level(logging.WARNING, logger="RobustMedSAMLib.acceleration"):
+        got = encode_batched(fake, images[:2], batch_size=1, encode_fn=encode, report=log)
+    assert log.cpu_fallback and fake.device.type == "cpu"
+    assert fake.precision == "fp32" and acc.model_autocast(fake) == (False, None)
+    assert "bf16 autocast does not apply on the CPU" in caplog.text
+    assert inner.image_encoder.precision == "fp32"
+    with torch.inference_mode():
+        _assert_same(got, [inner.encode(x[None]) for x in images[:2]])

@@ -78,7 +78,11 @@ def test_forced_and_default_precisions(caplog):
 @pytest.mark.parametrize("bf16_supported", [True, False])
 def test_cuda_rules(monkeypatch, bf16_supported):
     """On CUDA, auto and the library default keep the engine's autocast (bf16 where supported, else fp16)."""
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (8, 0) if bf16_supported else (7, 5))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # also where only emulated
     amp = "bf16" if bf16_supported else "fp16"
     assert P.choose_precision("auto", None, "cuda", _never).precision == amp
     assert P.choose_precision(None, None, "cuda:0", _never).precision == amp
@@ -124,6 +128,67 @@ def test_probe_is_measured_once_and_cached_per_machine(tmp_path, monkeypatch):
     assert len(calls) == 2 and len(json.loads((tmp_path / P.PROBE_FILE).read_text())["entries"]) == 2
     (tmp_path / P.PROBE_FILE).write_text("{not json")  # a damaged file is measured again
     assert P.probe(measure=measure)["cached"] is False and len(calls) == 3
+
+
+@pytest.mark.parametrize("entry", [{"fp32": 1e11, "bf16": 4e11, "gain": "fast"}, {"fp32": 1e11, "bf16": 4e11,
+                                   "gain": None}, {"fp32": 1e11, "bf16": 4e11, "gain": float("nan")}, {"gain": 4.0},
+                                   [4.0], "4x"], ids=["text", "null", "nan", "no-rates", "list", "string"])
+def test_a_damaged_probe_entry_is_measured_again(tmp_path, monkeypatch, entry):
+    """A cached entry that is not finite positive numbers neither crashes the choice nor picks bf16."""
+    monkeypatch.setenv("ROBUSTMEDSAM_CACHE", str(tmp_path))
+    (tmp_path / P.PROBE_FILE).write_text(json.dumps({"version": 1, "entries": {P.probe_key(): entry}}))
+    measured = P.probe(measure=lambda: {"fp32": 1e11, "bf16": 1.1e11, "gain": 1.1})
+    assert measured["cached"] is False and measured["gain"] == 1.1
+    assert P.probe(measure=_never)["gain"] == 1.1  # the good measurement replaced the damaged entry
+    choice = P.choose_precision("auto", "tiny", "cpu", probe_fn=P.probe, native_fn=lambda: "AMX-BF16")
+    assert choice.precision == "fp32"
+    nan = P.choose_precision("auto", "tiny", "cpu", probe_fn=_gain(float("nan")), native_fn=lambda: "AMX-BF16")
+    assert nan.precision == "fp32"
+
+
+def test_an_unusable_probe_cache_costs_only_a_measurement(tmp_path, monkeypatch, caplog):
+    """The cache file's place taken by a folder (unreadable and unwritable as a file): measured each time,
+    a warning, no crash, no temporary files left behind."""
+    monkeypatch.setenv("ROBUSTMEDSAM_CACHE", str(tmp_path))
+    (tmp_path / P.PROBE_FILE).mkdir()
+    calls = []
+    measure = lambda: calls.append(1) or {"fp32": 1e11, "bf16": 4e11, "gain": 4.0}  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger=P.__name__):
+        assert P.probe(measure=measure)["gain"] == 4.0 and P.probe(measure=measure)["cached"] is False
+    assert len(calls) == 2 and "could not save the bf16 probe" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [P.PROBE_FILE]
+
+
+def test_probe_key_follows_what_changes_the_bf16_kernels(tmp_path, monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN emulate bf16 on an AMX CPU (0.1x float32 measured): a probe cached
+    without it must not be reused with it, nor with another thread count or oneDNN switched off."""
+    monkeypatch.setenv("ROBUSTMEDSAM_CACHE", str(tmp_path))
+    for name in P.DISPATCH_ENV:
+        monkeypatch.delenv(name, raising=False)
+    gains = iter([4.0, 0.1, 0.1, 3.0, 2.0])
+    measure = lambda: (lambda g: {"fp32": 1e11, "bf16": g * 1e11, "gain": g})(next(gains))  # noqa: E731
+    keys = [P.probe_key()]
+    assert P.probe(measure=measure)["gain"] == 4.0
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    keys.append(P.probe_key())
+    assert P.probe(measure=measure)["gain"] == 0.1  # measured again, not the cached 4.0
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE")
+    keys.append(P.probe_key())
+    assert P.probe(measure=measure)["cached"] is False
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA")
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    keys.append(P.probe_key())
+    assert P.probe(measure=measure)["cached"] is False
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(before + 1)
+    try:
+        keys.append(P.probe_key())
+        assert P.probe(measure=measure)["cached"] is False
+    finally:
+        torch.set_num_threads(before)
+    assert len(set(keys)) == 5 and P.probe_key() == keys[0] and P.probe(measure=measure)["gain"] == 4.0
 
 
 def test_real_probe_on_this_machine():
@@ -225,6 +290,24 @@ def test_bf16_weight_copies_follow_parameter_changes():
         got, expected = model.encode(x), other.encode(x)
     for name in ("embeddings", "early", "features"):
         assert torch.equal(getattr(got, name), getattr(expected, name)), name
+
+
+def test_bf16_weight_copies_follow_replaced_parameters():
+    """Parameters replaced by new tensors (``load_state_dict(assign=True)``, twice without a forward between)
+    can land at a freed parameter's address with the same version count: the copies must still be rebuilt."""
+    torch.manual_seed(0)
+    for _ in range(100):
+        layer = torch.nn.Linear(64, 64)
+        bf16.params(layer), bf16.split_params(layer)
+        for _ in range(2):
+            state = {k: torch.empty_like(v).uniform_() for k, v in layer.state_dict().items()}  # version 1, as init
+            layer.load_state_dict(state, assign=True)
+            del state
+        weight, bias = bf16.params(layer)
+        assert torch.equal(weight, layer.weight.to(torch.bfloat16)) and torch.equal(bias, layer.bias.to(torch.bfloat16))
+        split, _ = bf16.split_params(layer)
+        assert torch.equal(split[:, :64].float() + split[:, 64:].float(), layer.weight.detach().bfloat16().float() +
+                           (layer.weight.detach() - layer.weight.detach().bfloat16().float()).bfloat16().float())
 
 
 # --------------------------------------------------------------------------------------- the pieces

@@ -164,3 +164,30 @@ def test_encode_many_batches_and_matches_single_encodings(tiny_model):
         b = single.predict(PROMPTS[0], image=img)
         np.testing.assert_allclose(a.logits, b.logits, atol=1e-4)
     assert batched.encoder_calls == 5
+
+
+def test_no_cache_entry_under_a_precision_that_changed_while_encoding(monkeypatch):
+    """A CUDA out-of-memory fallback to the CPU relabels an autocast model fp32 during the encoding: what it
+    returns must not be cached under the key made with the old precision, and later keys name fp32."""
+    from RobustMedSAMLib import acceleration
+    from RobustMedSAMLib.models import seeded_model
+
+    loaded = seeded_model("tiny", precision="fp32")
+    loaded.model.precision = "bf16"  # as labelled on a GPU (autocast); this CPU model computes float32
+    p = Predictor(loaded)
+    old_key = p.key(IMG)
+    inner = acceleration.encode_batched
+
+    def falls_back(model, *args, **kwargs):
+        out = inner(model, *args, **kwargs)
+        model.precision = "fp32"  # what _precision_after_cpu_fallback does after the move
+        return out
+
+    monkeypatch.setattr(acceleration, "encode_batched", falls_back)
+    p.encode(IMG)
+    assert old_key not in p.cache and len(p.cache) == 0
+    monkeypatch.setattr(acceleration, "encode_batched", inner)
+    assert p.key(IMG) != old_key
+    p.encode(IMG)
+    p.encode(IMG)
+    assert p.key(IMG) in p.cache and p.encoder_calls == 2

@@ -22,7 +22,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 else
   echo "no .whl/ folder: using what is installed"; export PYTHONPATH="$PWD"
 fi
-{ nvidia-smi || true; "$PY" -c "import torch, platform; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name(), 'cpu', platform.processor(), 'threads', torch.get_num_threads())"; } 2>&1 | tee "$OUT/machine.txt"
+{ nvidia-smi || true; "$PY" -c "import torch; from RobustMedSAMLib.precision import cpu_model, native_bf16; gpu = torch.cuda.is_available(); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', gpu and torch.cuda.get_device_name(), 'capability', gpu and torch.cuda.get_device_capability(), '| cpu', cpu_model(), '| native bf16', native_bf16() or 'none', '| threads', torch.get_num_threads())"; } 2>&1 | tee "$OUT/machine.txt"
 
 step "CUDA tests"
 timeout 210 "$PY" -m pytest -q -s -rs -p no:cacheprovider Testing/test_cuda.py Testing/test_acceleration.py 2>&1 | tee "$OUT/tests.log"

@@ -4,8 +4,9 @@ Written for the CPU instead of autocast: autocast casts every weight on every ca
 ate the whole gain, REFERENCE.md / issue 13), whereas here each layer's weights are cast once and cached.
 
 * :func:`params`: a layer's ``(weight, bias)`` as bfloat16 copies, cached on the layer (outside its state
-  dict) and rebuilt when a parameter changes (new storage or an in-place update bumps its version), so
-  ``load_state_dict`` / ``.to(device)`` after switching precision are safe.
+  dict) and rebuilt when a parameter changes (another Parameter object, new storage or an in-place update
+  that bumps its version), so ``load_state_dict`` (also ``assign=True``), ``.to(device)`` and optimizer steps
+  after switching precision are safe; writes through ``param.data`` are not seen (call :func:`drop`).
 * :func:`conv`: a ``Conv2d`` / ``ConvTranspose2d`` of a float32 input computed in bfloat16 (oneDNN: AMX or
   AVX512-BF16 kernels, float32 accumulation) with a float32 result, used by the robust decoder's blocks
   where the layer carries ``bf16 = True`` (set by :func:`set_modules`); other layers run unchanged.
@@ -14,6 +15,7 @@ The parameters themselves stay float32: training, checkpoints and the float32 pa
 """
 from __future__ import annotations
 
+import weakref
 from typing import Iterable, Optional, Tuple
 
 import torch
@@ -25,16 +27,36 @@ _PACK = "_bf16_pack"  # attribute in the module's __dict__ (not a parameter or b
 _SPLIT = "_bf16_split"
 
 
-def _stamp(tensors) -> tuple:
+def _marks(tensors) -> tuple:
     return tuple(None if t is None else (t.data_ptr(), t._version, t.device) for t in tensors)
+
+
+class _Stamp:
+    """What a cached copy was made from: each tensor (a weak reference: the same Parameter object), its storage
+    address, version counter and device. The object identity matters: address and version alone matched a new
+    parameter that the allocator had placed where a freed one had been (``load_state_dict(..., assign=True)``
+    twice: the second state dict's tensors landed in the first one's freed blocks in 2 of 20 tries here).
+    Not seen: in-place writes through ``param.data`` (they bypass the version counter); call :func:`drop`."""
+
+    __slots__ = ("refs", "marks", "extra")
+
+    def __init__(self, tensors, extra=None) -> None:
+        self.refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+        self.marks = _marks(tensors)
+        self.extra = extra
+
+    def fits(self, tensors, extra=None) -> bool:
+        if extra != self.extra or _marks(tensors) != self.marks:
+            return False
+        return all((r is None) if t is None else (r is not None and r() is t) for r, t in zip(self.refs, tensors))
 
 
 def params(layer: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(weight, bias)`` of ``layer`` as cached bfloat16 tensors (bias None if the layer has none)."""
     tensors = (layer.weight, layer.bias)
-    stamp = _stamp(tensors)
     pack = layer.__dict__.get(_PACK)
-    if pack is None or pack[0] != stamp:
+    if pack is None or not pack[0].fits(tensors):
+        stamp = _Stamp(tensors)
         with torch.no_grad():
             cast = tuple(None if t is None else t.detach().to(DTYPE) for t in tensors)
         pack = (stamp, cast)
@@ -49,9 +71,9 @@ def split_params(layer: nn.Module, stacked: bool = True):
     the output). The attention's qkv weights need it: their bf16 rounding, the same for every token, moves
     the attention logits coherently and was the largest single cause of mask changes (issue 13 notes)."""
     tensors = (layer.weight, layer.bias)
-    stamp = (_stamp(tensors), stacked)
     pack = layer.__dict__.get(_SPLIT)
-    if pack is None or pack[0] != stamp:
+    if pack is None or not pack[0].fits(tensors, stacked):
+        stamp = _Stamp(tensors, stacked)
         with torch.no_grad():
             w = layer.weight.detach()
             o, i = w.shape[0], w[0].numel()
