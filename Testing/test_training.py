@@ -254,3 +254,19 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     for r1, r2 in zip(l1, l2):  # step 2's loss depends on the parameters after step 1
         for key in ("total", "focal", "dice", "token", "feature", "grad_norm"):
             assert float(r2[key]) == pytest.approx(float(r1[key]), rel=1e-3), key
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_amp_auto_uses_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, native, expected):
+    """``--amp auto`` on a GPU that only emulates bf16 (Volta, Turing: torch.cuda.is_bf16_supported() still
+    says True) must train in fp16, not emulated bf16; the CPU trains in float32 unless asked."""
+    from RobustMedSAMLib import acceleration
+    from Training.train_model import amp_dtype_for
+
+    monkeypatch.setattr(acceleration, "cuda_native_bf16", lambda device: native)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert amp_dtype_for("auto", torch.device("cuda")) == expected
+    assert amp_dtype_for("auto", torch.device("cpu")) is None
+    assert amp_dtype_for("bf16", torch.device("cpu")) == torch.bfloat16
+    assert amp_dtype_for("fp16", torch.device("cuda")) == torch.float16
+    assert amp_dtype_for("off", torch.device("cuda")) is None

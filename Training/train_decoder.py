@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gamma", type=float, default=0.1, help="step scheduler: decay factor")
     g.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
     g.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
-                   help="mixed precision; auto = on CUDA (bf16 if supported, else fp16 with loss scaling)")
+                   help="mixed precision; auto = on CUDA (bf16 where the GPU computes it natively, else fp16 with loss scaling)")
     g.add_argument("--fixed-views", action="store_true",
                    help="one degraded view per sample for the whole run (corruptions precomputed once, as the paper)")
     g.add_argument("--cache-embeddings", action="store_true",

@@ -53,15 +53,23 @@ def select_trainable(model: nn.Module, cfg: TrainConfig) -> List[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def amp_dtype_for(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``--amp`` (None: float32): ``auto`` = on CUDA only, bf16 where the GPU computes it
+    natively (``acceleration.cuda_native_bf16``: not where it is only emulated, Volta/Turing), else fp16."""
+    from RobustMedSAMLib.acceleration import cuda_native_bf16
+
+    if amp == "fp16" or (amp == "auto" and device.type == "cuda" and not cuda_native_bf16(device)):
+        return torch.float16
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 def mixed_precision(amp: str, model: nn.Module, device: torch.device) -> Tuple[Optional[torch.dtype], object]:
-    """(autocast dtype or None, GradScaler) for ``--amp``: auto = on CUDA, bf16 if supported, else fp16 with
-    loss scaling."""
-    amp_dtype = None
-    if amp in ("bf16", "fp16") or (amp == "auto" and device.type == "cuda"):
-        if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
-            amp_dtype = torch.float16
-        else:
-            amp_dtype = torch.bfloat16
+    """(autocast dtype or None, GradScaler) for ``--amp`` (:func:`amp_dtype_for`); fp16 on CUDA gets loss
+    scaling."""
+    amp_dtype = amp_dtype_for(amp, device)
+    if amp_dtype is not None:
         _float32_fft(model.mask_decoder)
     use_scaler = amp_dtype == torch.float16 and device.type == "cuda"
     if hasattr(torch.amp, "GradScaler"):
