@@ -135,3 +135,17 @@ def vit_b_decoder_inputs(ref: dict):
         scale = np.float32(math.sqrt(math.prod(shape[1:])) * std)
         out.append(torch.from_numpy(seeded_array(name, shape, seed) * scale))
     return out
+
+
+def parity_prompt(ref: dict, case: str) -> dict:
+    """Decoder keyword arguments of a parity file's prompt case ("box", "points" or "box_points"): ``boxes``
+    (1, 4) as x0, y0, x1, y1 and/or ``points`` ((1, N, 2) x/y coordinates, (1, N) labels), model input frame."""
+    import torch
+
+    kw = {}
+    if "box" in case:
+        kw["boxes"] = torch.from_numpy(np.asarray(ref["meta.box"], dtype=np.float32)[None])
+    if "points" in case:
+        kw["points"] = (torch.from_numpy(ref[f"prompt.{case}.coords"])[None],
+                        torch.from_numpy(ref[f"prompt.{case}.labels"])[None])
+    return kw

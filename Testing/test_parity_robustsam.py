@@ -27,7 +27,7 @@ from RobustMedSAMLib.modeling import TINY, VIT_B, build_model
 from RobustMedSAMLib.modeling.model import ImageEncoding
 from RobustMedSAMLib.preprocess import Preprocessing, prepare_image
 from RobustMedSAMLib.seeded import seed_module, seeded_array, seeded_image
-from support import load_parity, vit_b_decoder_inputs
+from support import load_parity, parity_prompt, vit_b_decoder_inputs
 
 LOGIT_TOL = 1e-3
 IOU_TOL = 1e-4
@@ -213,12 +213,7 @@ def test_vit_b_decoder_provenance(vit_b, vit_b_ref, vit_b_encodings):
 @pytest.mark.parametrize("case", ("box", "points", "box_points"))
 def test_vit_b_decoder(vit_b, vit_b_ref, vit_b_encodings, case, path, mode):
     ref = vit_b_ref
-    kw = {}
-    if "box" in case:
-        kw["boxes"] = torch.from_numpy(np.asarray(ref["meta.box"], dtype=np.float32)[None])
-    if "points" in case:
-        kw["points"] = (torch.from_numpy(ref[f"prompt.{case}.coords"])[None],
-                        torch.from_numpy(ref[f"prompt.{case}.labels"])[None])
+    kw = parity_prompt(ref, case)
     vit_b.set_batchnorm_mode(mode)
     with torch.no_grad():
         out = vit_b.decode(vit_b_encodings[mode], robust=path == "robust", **kw)

@@ -19,7 +19,7 @@ from RobustMedSAMLib.modeling import TINY, VIT_B, build_model
 from RobustMedSAMLib.modeling.model import ImageEncoding
 from RobustMedSAMLib.preprocess import Preprocessing, prepare_image
 from RobustMedSAMLib.seeded import seed_module, seeded_image
-from support import load_parity, vit_b_decoder_inputs
+from support import load_parity, parity_prompt, vit_b_decoder_inputs
 
 MODES = ("running", "per_sample")
 PATHS = ("clear", "robust")
@@ -89,12 +89,7 @@ def _vit_b_decoder_cases(model):
         feats = {p: _run(model, p, lambda: model.mask_decoder.image_features(emb, early)) for p in ("fp32", "bf16")}
         for path in PATHS:
             for case in ("box", "points", "box_points"):
-                kw = {}
-                if "box" in case:
-                    kw["boxes"] = torch.from_numpy(np.asarray(ref["meta.box"], dtype=np.float32)[None])
-                if "points" in case:
-                    kw["points"] = (torch.from_numpy(ref[f"prompt.{case}.coords"])[None],
-                                    torch.from_numpy(ref[f"prompt.{case}.labels"])[None])
+                kw = parity_prompt(ref, case)
                 masks = {}
                 for p in ("fp32", "bf16"):
                     encoding = ImageEncoding(emb, early, feats[p] if path == "robust" else None)
