@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 from .cli_model import _add_model_args, load_from_args
 
@@ -62,7 +61,7 @@ def _volume_inputs(args: argparse.Namespace):
 
     volume = read_volume(resolve(args.volume))
     objects = read_prompts(args.prompts or args.markups, volume, args.axis)
-    mapping = intensity_mapping(volume.array, modality=args.modality, window=_window(args.window))
+    mapping = intensity_mapping(volume.array, modality=args.modality, window=args.window)
     print(f"{len(objects)} object(s); intensities: {mapping.description}", file=sys.stderr)
     return volume, objects, mapping
 
@@ -76,20 +75,6 @@ def _volume_predictor(args: argparse.Namespace):
     options = dict(_propagation_options(args), slice_range=tuple(args.slice_range) if args.slice_range else None,
                    square_pixels=args.square_pixels)
     return Predictor(loaded, cache, robust=robust), options
-
-
-def _window(text: Optional[str]):
-    """``soft_tissue`` / ``lung`` / ... or ``LEVEL,WIDTH``."""
-    if text is None or "," not in text:
-        return text
-    from .intensity import WINDOW_PRESETS, IntensityError, Window
-
-    try:
-        level, width = (float(v) for v in text.split(","))
-    except ValueError:
-        raise IntensityError(f"window {text!r}: give a preset ({', '.join(WINDOW_PRESETS)}) or LEVEL,WIDTH "
-                             f"(two numbers, e.g. 40,400)") from None
-    return Window(level, width)
 
 
 def cmd_segment_volume(args: argparse.Namespace) -> int:
@@ -167,13 +152,13 @@ def cmd_evaluate_volume(args: argparse.Namespace) -> int:
         args.output_dir.mkdir(parents=True, exist_ok=True)
     volume = read_volume(resolve(args.volume))
     reference = read_segmentation(resolve(reference_path), reference=volume)
-    windows = {name: _window(w) for name, w in args.segment_window or []}
+    windows = dict(args.segment_window or [])
     loaded, robust = load_from_args(args)
     cache = EncodingCache(max_bytes=int(args.cache_mb * 2**20), disk_dir=args.cache_dir)
     predictor = Predictor(loaded, cache, robust=robust)
     bar = TextProgressBar("evaluating", unit="segments")
     evaluation = field_evaluation(volume, reference, predictor, segments=args.segments, axis=args.axis or 0,
-                                  modality=args.modality, window=_window(args.window), windows=windows,
+                                  modality=args.modality, window=args.window, windows=windows,
                                   square_pixels=args.square_pixels,
                                   progress=lambda done, total, _name: bar(done, total), **_propagation_options(args))
     bar.close()
@@ -185,7 +170,7 @@ def cmd_evaluate_volume(args: argparse.Namespace) -> int:
 
         write_text(args.output_dir / "field_evaluation.md", table)
         write_text(args.output_dir / "field_evaluation.csv", to_csv(evaluation))
-        images = intensity_mapping(volume.array, modality=args.modality, window=_window(args.window)).apply(volume.array)
+        images = intensity_mapping(volume.array, modality=args.modality, window=args.window).apply(volume.array)
         write_png(args.output_dir / "field_evaluation.png", volume, evaluation, images=images)
         print(f"wrote field_evaluation.md, .csv and .png in {args.output_dir} ({predictor.encoder_calls} slices "
               "encoded)")
@@ -213,7 +198,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
         if torch.cuda.is_available():  # one GPU per torchrun process
             args.device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
-    defaults = {"axis": args.axis, "window": _window(args.window), "modality": args.modality,
+    defaults = {"axis": args.axis, "window": args.window, "modality": args.modality,
                 "report": args.report, **_propagation_options(args)}
     predictors = []  # the model is loaded on the first case that needs it (none if all are done)
 

@@ -74,9 +74,17 @@ WindowLike = Union[Window, str, Tuple[float, float]]
 
 def get_window(window: WindowLike) -> Window:
     """A :class:`Window` from a preset name (``"wide"``, ``"soft_tissue"``, ``"lung"``, ``"bone"``, ``"brain"``; case,
-    spaces and dashes ignored), a ``(level, width)`` pair or a :class:`Window`."""
+    spaces and dashes ignored), ``"LEVEL,WIDTH"`` (the command lines' form), a ``(level, width)`` pair or a
+    :class:`Window`."""
     if isinstance(window, Window):
         return window
+    if isinstance(window, str) and "," in window:
+        try:
+            level, width = (float(v) for v in window.split(","))
+        except ValueError:
+            raise IntensityError(f"window {window!r}: give a preset ({', '.join(WINDOW_PRESETS)}) or LEVEL,WIDTH "
+                                 f"(two numbers, e.g. 40,400)") from None
+        return Window(level, width)
     if isinstance(window, str):
         key = window.strip().lower().replace("-", "_").replace(" ", "_")
         key = {"soft": "soft_tissue", "softtissue": "soft_tissue", "lungs": "lung"}.get(key, key)

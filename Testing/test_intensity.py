@@ -141,3 +141,11 @@ def test_errors_and_rgb(ct):
         slice_to_rgb(ct.array[0])
     with pytest.raises(IntensityError, match="2D"):
         slice_to_rgb(to_uint8(ct))
+
+
+def test_get_window_reads_the_command_line_form():
+    """"LEVEL,WIDTH" is read in one place for every face (CLI, training CLI, batch CSV, prompt files)."""
+    assert get_window("40,400") == Window(40.0, 400.0) and get_window(" -600 , 1500") == Window(-600.0, 1500.0)
+    for bad, message in (("40,abc", "LEVEL,WIDTH"), ("1,2,3", "LEVEL,WIDTH"), ("40,-5", "width > 0")):
+        with pytest.raises(IntensityError, match=message):
+            get_window(bad)

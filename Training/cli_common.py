@@ -27,23 +27,13 @@ def add_source_args(g: argparse._ArgumentGroup, split: str, split_help: Optional
     g.add_argument("--window", help="CT window preset or LEVEL,WIDTH")
 
 
-def parse_window(text: Optional[str]):
-    """``--window``: None, a preset name, or ``LEVEL,WIDTH`` -> ``(level, width)``."""
-    if not text:
-        return None
-    if "," in text:
-        level, width = (float(v) for v in text.split(","))
-        return (level, width)
-    return text
-
-
 def sources_from(opts, npz: Sequence[str], images: Sequence[str], masks: Sequence[str],
                  split: str) -> List[D.Source]:
     """:func:`datasets.build_sources` with the shared options of ``opts`` (parsed arguments or a config)."""
     return D.build_sources(npz=npz, images=images, masks=masks, split=split, category=opts.category,
                            npz_size=opts.npz_size, npz_root=opts.npz_root, download=opts.download,
                            mask_suffix=opts.mask_suffix, axis=opts.slice_axis, modality=opts.modality,
-                           window=parse_window(opts.window))
+                           window=opts.window or None)
 
 
 def require_objects(sources: Sequence[D.Source]) -> None:
