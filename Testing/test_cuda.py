@@ -54,16 +54,23 @@ def case(request):
     return name, image, prompt, cpu.predict(prompt, image=image), cpu.encode(image)
 
 
-@pytest.mark.parametrize("robust", [True, False], ids=["robust", "sam"])
-def test_cuda_float32_matches_the_cpu(case, robust):
-    name, image, prompt, cpu_pred, cpu_enc = case
-    loaded = seeded_model(name, device="cuda", precision="fp32")
-    assert loaded.precision == "fp32" and acc.model_autocast(loaded.model) == (False, None)
+def _on_cuda_and_cpu(case, loaded, robust):
+    """Encode and predict ``case`` with ``loaded`` (on CUDA); returns (CUDA encoding, CUDA prediction, CPU
+    float32 prediction of the same decoder path)."""
+    name, image, prompt, cpu_pred, _ = case
     pred = Predictor(loaded, robust=robust)
     enc = pred.encode(image)
     cpu = Predictor(seeded_model(name, device="cpu", precision="fp32"), robust=robust)
     reference = cpu.predict(prompt, image=image) if not robust else cpu_pred
-    got = pred.predict(prompt, image=image)
+    return enc, pred.predict(prompt, image=image), reference
+
+
+@pytest.mark.parametrize("robust", [True, False], ids=["robust", "sam"])
+def test_cuda_float32_matches_the_cpu(case, robust):
+    name, cpu_enc = case[0], case[4]
+    loaded = seeded_model(name, device="cuda", precision="fp32")
+    assert loaded.precision == "fp32" and acc.model_autocast(loaded.model) == (False, None)
+    enc, got, reference = _on_cuda_and_cpu(case, loaded, robust)
     rel = _rel(enc.embeddings, cpu_enc.embeddings)
     print(f"{name} CUDA fp32 vs CPU ({'robust' if robust else 'SAM'} path): embeddings {rel:.1e}, "
           f"mask pixels differing {_differ(got.mask, reference.mask):.5f}")
@@ -73,18 +80,14 @@ def test_cuda_float32_matches_the_cpu(case, robust):
 
 @pytest.mark.parametrize("robust", [True, False], ids=["robust", "sam"])
 def test_cuda_autocast_matches_the_cpu(case, robust):
-    name, image, prompt, cpu_pred, cpu_enc = case
+    name, image, cpu_enc = case[0], case[1], case[4]
     loaded = seeded_model(name, device="cuda", precision="auto")
-    expected = "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"  # native bf16 (Ampere on)
+    expected = "bf16" if acc.cuda_native_bf16("cuda") else "fp16"
     assert loaded.precision == expected and "autocast" in loaded.precision_reason
-    pred = Predictor(loaded, robust=robust)
-    enc = pred.encode(image)
+    enc, got, reference = _on_cuda_and_cpu(case, loaded, robust)
     fp32 = Predictor(seeded_model(name, device="cuda", precision="fp32"), robust=robust).encode(image)
     assert _rel(enc.embeddings, fp32.embeddings) > 1e-4  # autocast really ran
     assert enc.embeddings.dtype == torch.float32 and enc.embeddings.is_cuda
-    cpu = Predictor(seeded_model(name, device="cpu", precision="fp32"), robust=robust)
-    reference = cpu.predict(prompt, image=image) if not robust else cpu_pred
-    got = pred.predict(prompt, image=image)
     differ = _differ(got.mask, reference.mask)
     print(f"{name} CUDA autocast {expected} vs CPU fp32 ({'robust' if robust else 'SAM'} path): embeddings "
           f"{_rel(enc.embeddings, cpu_enc.embeddings):.1e}, mask pixels differing {differ:.5f}")
