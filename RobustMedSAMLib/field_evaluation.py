@@ -29,6 +29,7 @@ import numpy as np
 from .intensity import WindowLike, get_window
 from .prompts import Prompt, box_from_mask
 from .propagation import PropagationResult, propagate
+from .robustness import dice
 from .segmentation_io import Segmentation
 from .volume_io import AxisLike, Volume
 from .volume_segmentation import VolumeSegmenter, uint8_volume
@@ -85,13 +86,6 @@ class FieldEvaluation:
         """Mean 3D Dice of ``run`` (``"oracle"``, ``"one_box"``, ``"three_boxes"``) over ``names`` (default all)."""
         segs = [s for s in self.segments if names is None or s.name in names]
         return float(np.mean([getattr(s, run).dice for s in segs])) if segs else float("nan")
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean masks; 1.0 when both are empty."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def _range(stack: np.ndarray) -> Range:

@@ -36,6 +36,7 @@ if __package__ in (None, ""):
 from Training import datasets as D  # noqa: E402
 from Training.cli_common import (add_source_args, ensure_output_folder, progress_bar,  # noqa: E402
                                  require_objects, sources_from)
+from RobustMedSAMLib.robustness import dice as dice_score  # noqa: E402  (the engine's Dice, 1.0 when both are empty)
 
 log = logging.getLogger("robustmedsam.evaluate")
 
@@ -54,12 +55,6 @@ class EvalModel:
     label: str
     loaded: object  # LoadedModel
     robust: bool
-
-
-def dice_score(pred: np.ndarray, target: np.ndarray) -> float:
-    p, t = np.asarray(pred, bool), np.asarray(target, bool)
-    total = int(p.sum()) + int(t.sum())
-    return 1.0 if total == 0 else 2.0 * int((p & t).sum()) / total
 
 
 def order_models(labels: Sequence[str]) -> List[str]:
