@@ -146,6 +146,7 @@ class EngineConnection:
         self._trash = kept
 
     def drop_all_volumes(self) -> None:
+        """Forget every volume (and delete the files of those sent as arrays)."""
         for key in list(self._volumes):
             self.drop_volume(key)
 
@@ -224,6 +225,5 @@ class EngineConnection:
 
     def close(self) -> None:
         self.unload()
-        for key in list(self._files):
-            self.drop_volume(key)
+        self.drop_all_volumes()
         self._empty_trash()  # the worker has ended: nothing maps them any more
